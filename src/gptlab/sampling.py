@@ -45,12 +45,12 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 def apply_top_k(logits: Tensor, k: int) -> Tensor:
     """Logits with all but the k largest per row set to -inf (k clamped to the vocabulary).
 
-    Ties with the k-th largest value are kept, so a row may keep slightly more than k tokens.
+    Exactly k stay: among equal logits at the boundary, torch.topk's choice is kept.
     """
     if k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    values, ids = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter_(-1, ids, values)
 
 
 def apply_top_p(probs: Tensor, p: float) -> Tensor:
@@ -94,11 +94,27 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Next-token ids (B,) from last-position logits (B, V): greedy, or sampled as documented above."""
+    """Next-token ids (B,) from last-position logits (B, V): greedy, or sampled as documented above.
+
+    Draws from the same distribution as `next_token_probs`, but works on the sorted candidates
+    only (the k best with top-k, all tokens sorted once with top-p) instead of the whole vocabulary
+    several times: this runs at every generated token.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = next_token_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    scaled = logits.float() / temperature
+    if top_k is None and (top_p is None or top_p >= 1.0):
+        return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
+    if top_k is not None and top_k < scaled.shape[-1]:
+        scaled, ids = torch.topk(scaled, top_k, dim=-1)  # sorted, largest first
+    else:
+        scaled, ids = torch.sort(scaled, dim=-1, descending=True)
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        # keep a candidate while the mass before it is below p; multinomial renormalises the rest
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return ids.gather(-1, choice).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
