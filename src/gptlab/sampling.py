@@ -210,11 +210,12 @@ def _label(t: float, k: int | None, p: float | None) -> str:
 
 def format_table(table: SamplingTable) -> str:
     """The figure's numbers as a plain-text table: one row per candidate, one column per setting."""
-    width = max(9, *(len(t) for t in table.candidate_texts)) + 2
+    shown = [repr(t)[1:-1] for t in table.candidate_texts]  # newlines and tabs escaped: one line per row
+    width = max(9, *(len(t) for t in shown)) + 2
     col = max(12, *(len(pnl.label) for pnl in table.panels)) + 2
     lines = [f"next-token probabilities after {table.prompt!r}"]
     lines.append(f"{'rank':<5}{'id':>7}  {'token':<{width}}" + "".join(f"{pnl.label:>{col}}" for pnl in table.panels))
-    for i, (tid, text) in enumerate(zip(table.candidate_ids, table.candidate_texts, strict=True)):
+    for i, (tid, text) in enumerate(zip(table.candidate_ids, shown, strict=True)):
         cells = []
         for pnl in table.panels:
             cell = f"{pnl.probs[i]:.4f}"
