@@ -227,7 +227,9 @@ def _decode(model: GPTModel, setup: _Setup, state: _State, buf: Tensor) -> Itera
     """The generation loop: writes each step's ids (B,) into `buf` and yields them."""
     windows = _Windows(setup)
     W = setup.window
-    cache = model.make_kv_cache(setup.idx.shape[0], W) if setup.use_cache else None
+    # Sized to what this run can use (a whole-context cache would be zero-filled for nothing).
+    cache_len = min(W, buf.shape[1] - min(windows.start))
+    cache = model.make_kv_cache(setup.idx.shape[0], cache_len) if setup.use_cache else None
     B, eos, temperature = buf.shape[0], setup.eos_id, setup.temperature
     done = torch.zeros(B, dtype=torch.bool, device=buf.device) if eos is not None else None
     pad_tok = torch.full((B,), setup.pad_id, dtype=buf.dtype, device=buf.device)
