@@ -100,6 +100,8 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(model):
     batched = generate(model, prompts, n_new, context_size=16)
     ids, mask = pad_prompts(prompts)
     assert torch.equal(generate(model, ids, n_new, context_size=16, attention_mask=mask), batched)
+    junk = ids.masked_fill(mask == 0, -7)  # whatever the padding holds is ignored (and output as pad_id)
+    assert torch.equal(generate(model, junk, n_new, context_size=16, attention_mask=mask), batched)
     assert torch.equal(generate(model, ids, n_new, context_size=16, attention_mask=mask, use_cache=False), batched)
     for i, p in enumerate(prompts):
         alone = generate(model, torch.tensor([p]), n_new, context_size=16)

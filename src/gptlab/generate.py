@@ -162,6 +162,8 @@ def _prepare(
     if generator is not None and generator.device.type != device.type:
         raise UsageError(f"the generator is on {generator.device} but the model is on {device}; create it there")
     idx = idx.to(device=device, dtype=torch.long)
+    if attention_mask is not None:  # padding columns may hold anything; the embedding needs valid ids
+        idx = idx.masked_fill(~attention_mask.to(device).bool(), pad_id)
     return _Setup(idx, pad, max_new_tokens, window, slide, float(temperature), top_k, top_p, eos_id, pad_id,
                   generator, bool(use_cache), squeeze)
 
@@ -291,7 +293,8 @@ def generate(
         hold `pad_id` (default: eos_id). The result ends after the last step any row needed, so it
         is shorter than T + max_new_tokens when every row stopped early.
     attention_mask: (B, T), 1 for real tokens and 0 for left padding of shorter prompts; each row
-        then gets the same tokens as generating it alone. The output keeps the left padding.
+        then gets the same tokens as generating it alone. The output keeps the left padding
+        (as `pad_id`).
     generator / seed: sample from this generator (seed: a new one) and never touch the global RNG.
     context_size / slide: the window the model sees and how it slides (module docstring).
     use_cache: False runs the whole window through the model at every step (slow; for checking).
