@@ -57,20 +57,20 @@ def contestants(model: GPTModel, prompt: torch.Tensor, n_new: int, args) -> dict
     }
     if n_new <= args.no_cache_max:
         runs["gptlab_no_cache"] = lambda: generate(model, prompt, n_new, use_cache=False).shape[1] - PROMPT_LEN
-    if not args.no_hf:
-        for name, dtype in (("hf_float32", torch.float32), ("hf_bfloat16", torch.bfloat16)):
-            if name in args.hf_models:
-                hf = args.hf_models[name]
-            else:
-                hf = args.hf_models[name] = hf_model(model, dtype)
+    for dtype_name in filter(None, args.hf_dtypes.split(",")):
+        name, dtype = f"hf_{dtype_name}", getattr(torch, dtype_name)
+        if name in args.hf_models:
+            hf = args.hf_models[name]
+        else:
+            hf = args.hf_models[name] = hf_model(model, dtype)
 
-            def run_hf(hf=hf):
-                with torch.inference_mode():
-                    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                                      min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0)
-                return out.shape[1] - PROMPT_LEN
+        def run_hf(hf=hf):
+            with torch.inference_mode():
+                out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                                  min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0)
+            return out.shape[1] - PROMPT_LEN
 
-            runs[name] = run_hf
+        runs[name] = run_hf
     return runs
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", default="128,512", help="comma-separated lengths (default 128,512)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cache-max", type=int, default=128, help="run the no-cache path up to this length")
-    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--hf-dtypes", default="float32,bfloat16", help="transformers' dtypes ('' to skip it)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
