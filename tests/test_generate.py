@@ -3,8 +3,8 @@ import warnings
 import pytest
 import torch
 
-from gptlab import GPTModel, UsageError
-from gptlab.generate import TokenTextDecoder, generate, pad_prompts, stream_generate
+from gptlab import GPTModel, UsageError, load_model, save_model
+from gptlab.generate import TokenTextDecoder, generate, pad_prompts, prepare_for_decoding, stream_generate
 from gptlab.tokenizer import decode, encode
 
 from .conftest import tiny_config
@@ -281,3 +281,20 @@ def test_bad_inputs_fail_before_the_loop(model, kwargs, needle):
     finally:
         del model.forward
     assert calls == []
+
+
+def test_prepare_for_decoding_changes_layout_not_results(tmp_path):
+    model = make_model(seed=3)
+    idx = torch.tensor([[1, 2, 3, 4]])
+    before = model(idx)
+    greedy = generate(model, idx, 12)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert prepare_for_decoding(model) is model
+    w = model.trf_blocks[0].att.qkv.weight
+    assert w.shape == (96, 32) and w.stride() == (1, 96)  # column-major now
+    assert model.out_head.weight is model.tok_emb.weight  # still tied
+    torch.testing.assert_close(model(idx), before, atol=1e-4, rtol=1e-5)
+    assert torch.equal(generate(model, idx, 12), greedy)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    loaded = load_model(save_model(model, tmp_path / "m"))
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())

@@ -6,7 +6,14 @@ from .checkpoint import load_model, save_model
 from .config import PRESETS, GPTConfig, get_preset
 from .device import resolve_device
 from .errors import GptlabError, UsageError
-from .generate import StreamChunk, TokenTextDecoder, generate, pad_prompts, stream_generate
+from .generate import (
+    StreamChunk,
+    TokenTextDecoder,
+    generate,
+    pad_prompts,
+    prepare_for_decoding,
+    stream_generate,
+)
 from .model import GPTModel, KVCache
 from .pretrained import load_pretrained
 from .sampling import explain_sampling, next_token_probs, sample_next
@@ -37,4 +44,5 @@ __all__ = [
     "sample_next",
     "next_token_probs",
     "explain_sampling",
+    "prepare_for_decoding",
 ]

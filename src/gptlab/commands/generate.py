@@ -71,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import UsageError
-    from ..generate import stream_generate
+    from ..generate import prepare_for_decoding, stream_generate
     from ..tokenizer import EOT_ID, decode
     from .models import load_model_arg
 
     device = pick_device(args, quiet=not args.verbose)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model = load_model_arg(args.model, device, dtype=dtype)
+    model = prepare_for_decoding(load_model_arg(args.model, device, dtype=dtype))
     config = model.config
     window = args.context_size or config.context_length
     if window > config.context_length:
