@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gptlab import GPTModel, GptlabError, UsageError, load_pretrained
+from gptlab import GptlabError, GPTModel, UsageError, load_pretrained
 
 from .conftest import tiny_config
 
