@@ -20,6 +20,14 @@ FIXTURE = Path(__file__).parent / "fixtures" / "openai_tiny"
 READBACK = Path(__file__).parent / "fixtures" / "openai_tiny_tf_readback.json"
 
 
+@pytest.fixture
+def openai_dir(tmp_path) -> Path:
+    """A private copy of the fixture: loading leaves a verified-marker beside the checkpoint."""
+    folder = tmp_path / "openai_tiny"
+    shutil.copytree(FIXTURE, folder)
+    return folder
+
+
 def test_crc32c_known_values_and_lanes():
     assert crc32c(b"123456789", use_native=False) == 0xE3069283  # the standard CRC-32C check value
     assert crc32c(b"", use_native=False) == 0
@@ -47,21 +55,22 @@ def test_reader_matches_tensorflow_readback():
     assert ckpt.shape("model/h1/attn/c_attn/w") == (1, 24, 72)
 
 
-def test_openai_folder_matches_transformers_on_same_weights():
-    hparams = json.loads((FIXTURE / "hparams.json").read_text())
-    ckpt = TFCheckpoint(find_prefix(FIXTURE))
+def test_openai_folder_matches_transformers_on_same_weights(openai_dir):
+    hparams = json.loads((openai_dir / "hparams.json").read_text())
+    ckpt = TFCheckpoint(find_prefix(openai_dir))
     hf = hf_from_openai_values({n: ckpt.read(n) for n in ckpt.names}, hparams)
-    model = load_pretrained(FIXTURE)
+    model = load_pretrained(openai_dir)
     assert model.config.vocab_size == 97 and model.config.n_heads == 3 and model.config.n_layers == 2
     assert_same_model(model, hf, hparams["n_vocab"], seq=12, new_tokens=4)
 
 
-def test_damaged_data_is_detected(tmp_path):
-    folder = tmp_path / "ckpt"
-    shutil.copytree(FIXTURE, folder)
+def test_damaged_data_is_detected(openai_dir):
+    folder = openai_dir
+    load_pretrained(folder)  # verified once: a marker now vouches for these exact data files
+    assert (folder / "model.ckpt.verified").is_file()
     data = folder / "model.ckpt.data-00000-of-00001"
     blob = bytearray(data.read_bytes())
-    blob[1000] ^= 0x01  # one flipped bit
+    blob[1000] ^= 0x01  # one flipped bit (the new mtime invalidates the marker)
     data.write_bytes(bytes(blob))
     with pytest.raises(GptlabError, match="CRC-32C"):
         load_pretrained(folder)
@@ -87,12 +96,12 @@ def test_hparams_mismatch_names_tensor(tmp_path):
     assert "model/wte" in str(err.value) and "(97, 24)" in str(err.value) and "(100, 24)" in str(err.value)
 
 
-def test_cli_convert_openai_to_gptlab_and_dtype(tmp_path):
-    proc = run_cli("convert", str(FIXTURE), "--to", "gptlab", str(tmp_path / "g"))
+def test_cli_convert_openai_to_gptlab_and_dtype(openai_dir, tmp_path):
+    proc = run_cli("convert", str(openai_dir), "--to", "gptlab", str(tmp_path / "g"))
     assert proc.returncode == 0, proc.stderr
-    a, b = load_pretrained(FIXTURE), load_pretrained(tmp_path / "g")
+    a, b = load_pretrained(openai_dir), load_pretrained(tmp_path / "g")
     ids = torch.arange(12)[None] % 97
     with torch.no_grad():
         assert torch.equal(a(ids), b(ids))
-    half = load_pretrained(FIXTURE, dtype=torch.bfloat16)
+    half = load_pretrained(openai_dir, dtype=torch.bfloat16)
     assert half.tok_emb.weight.dtype == torch.bfloat16 and half.out_head.weight is half.tok_emb.weight

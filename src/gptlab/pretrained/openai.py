@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,8 @@ import numpy as np
 import torch
 
 from ..config import GPTConfig
-from ..errors import UsageError
+from ..errors import GptlabError, UsageError
+from ..fileio import write_json
 from ..model import GPTModel
 from .assemble import assemble, gpt2_specs, squeeze_transpose
 from .tf_checkpoint import TFCheckpoint, find_prefix
@@ -43,16 +45,38 @@ def _openai_name(module: str, param: str) -> str:
     return f"model/{module.replace('.', '/')}" + (f"/{param}" if param else "")
 
 
+def _data_stamp(prefix: Path) -> dict:
+    """Size and modification time of the data shards: what a verified-marker vouches for."""
+    shards = sorted(prefix.parent.glob(f"{prefix.name}.data-*"))
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in shards}
+
+
 def load_openai(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                verify: bool = True) -> GPTModel:
-    """Load an OpenAI GPT-2 folder; every tensor is CRC-checked and read from a memory map."""
+                verify: bool | None = None) -> GPTModel:
+    """Load an OpenAI GPT-2 folder; tensors are read from a memory map and CRC-checked.
+
+    verify=None checks the CRCs once and leaves a marker (`PREFIX.verified`, keyed by the data files'
+    size and mtime) so later loads skip the check (~3-10 s for 124M with numpy); True always checks.
+    """
     folder = Path(folder)
     config = config_from_hparams(folder / HPARAMS_NAME)
-    ckpt = TFCheckpoint(find_prefix(folder), verify=verify)
+    prefix = find_prefix(folder)
+    marker = Path(f"{prefix}.verified")
+    stamp = _data_stamp(prefix)
+    if verify is None:
+        try:
+            verify = json.loads(marker.read_text(encoding="utf-8")) != stamp
+        except (OSError, ValueError):
+            verify = True
+    ckpt = TFCheckpoint(prefix, verify=verify)
 
     def fetch(name: str) -> torch.Tensor:
         # A private copy per tensor: the memory map is read-only, and torch wants writable memory.
         return torch.from_numpy(np.array(ckpt.read(name)))
 
     specs = gpt2_specs(config, _openai_name, lambda n_in, n_out: (1, n_in, n_out), squeeze_transpose, ("g", "b"))
-    return assemble(config, specs, fetch, str(ckpt.prefix), str(folder / HPARAMS_NAME), device, dtype)
+    model = assemble(config, specs, fetch, str(ckpt.prefix), str(folder / HPARAMS_NAME), device, dtype)
+    if verify:
+        with contextlib.suppress(GptlabError):  # a read-only folder just means checking again next time
+            write_json(marker, stamp)
+    return model

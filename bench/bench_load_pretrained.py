@@ -1,0 +1,50 @@
+"""Time load_pretrained on GPT-2 small's real shapes (random weights) from each source format.
+
+    PYTHONPATH=src python3 bench/bench_load_pretrained.py OPENAI_FOLDER
+OPENAI_FOLDER: a GPT-2 124M checkpoint folder (OpenAI's download, or one written by
+`tests/fixtures/make_tf_checkpoint.py DIR --124M` under TensorFlow). The Hugging Face and gptlab
+copies are made from it in a temporary folder. Prints one line per measurement.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def timed(label: str, fn, repeat: int = 3):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    print(f"{label}: {best:.2f} s (best of {repeat})")
+    return result
+
+
+def main(openai_folder: Path) -> None:
+    from gptlab import load_pretrained, save_model
+    from gptlab.pretrained import save_hf
+    from gptlab.pretrained.crc32c import crc32c
+    from gptlab.pretrained.openai import load_openai
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    data = np.random.default_rng(0).integers(0, 256, 154_389_504, dtype=np.uint8)  # wte's bytes
+    timed("crc32c numpy, 154 MB (wte)", lambda: crc32c(data, use_native=False), repeat=2)
+    model = timed("openai folder, CRC-32C verified", lambda: load_pretrained(openai_folder))
+    timed("openai folder, CRC check off", lambda: load_openai(openai_folder, verify=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, Path(tmp) / "hf")
+        save_model(model, Path(tmp) / "gptlab")
+        timed("hugging face folder (safetensors)", lambda: load_pretrained(Path(tmp) / "hf"))
+        timed("gptlab folder (safetensors)", lambda: load_pretrained(Path(tmp) / "gptlab"))
+    print(f"parameters: {model.num_parameters():,}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
