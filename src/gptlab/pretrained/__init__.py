@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_model, load_state_into, read_safetensors
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..model import GPTModel
+from .assemble import Spec, assemble
 from .book import load_book
 from .download import (
     GPT2_SIZES,
@@ -44,27 +45,39 @@ def _read_json(path: Path) -> object:
         raise UsageError(f"cannot read {path}: {exc}") from None
 
 
-def _load_gptlab_file(path: Path, device) -> GPTModel:
-    """A bare gptlab weights file: the config comes from its metadata, else a config.json beside it."""
+def _load_gptlab(path: Path, config: GPTConfig | None, device, dtype) -> GPTModel:
+    """gptlab's own safetensors: read lazily, tensor by tensor (config from the file's metadata if not given)."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        handle = safe_open(str(path), framework="pt")
+        meta = handle.metadata() or {}
+        names = set(handle.keys())
     except (SafetensorError, OSError) as exc:
         raise GptlabError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from None
-    if "gptlab_config" in meta:
-        config = GPTConfig.from_dict(json.loads(meta["gptlab_config"]))
-    elif (path.parent / CONFIG_NAME).is_file():
-        config = GPTConfig.load(path.parent / CONFIG_NAME)
-    else:
-        raise UsageError(f"{path} carries no gptlab config and there is no {CONFIG_NAME} beside it")
+    if config is None:
+        if "gptlab_config" in meta:
+            config = GPTConfig.from_dict(json.loads(meta["gptlab_config"]))
+        elif (path.parent / CONFIG_NAME).is_file():
+            config = GPTConfig.load(path.parent / CONFIG_NAME)
+        else:
+            raise UsageError(f"{path} carries no gptlab config and there is no {CONFIG_NAME} beside it")
     with torch.device("meta"):
-        model = GPTModel(config)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()
-    load_state_into(model, read_safetensors(path), str(path))
-    return model.to(device).eval()
+        shapes = {k: tuple(v.shape) for k, v in GPTModel(config).state_dict().items()}
+    if config.tie_embeddings:
+        del shapes["out_head.weight"]
+    extra = sorted(names - set(shapes) - {"out_head.weight"})
+    if extra:
+        raise GptlabError(f"{path} holds tensors this config does not have ({', '.join(extra[:3])}); "
+                          "check config.json (n_layers, qkv_bias, tie_embeddings)")
+
+    def fetch(name: str) -> torch.Tensor:
+        if name not in names:
+            raise GptlabError(f"{path} has no tensor {name}; check config.json (n_layers, qkv_bias, tie_embeddings)")
+        return handle.get_tensor(name)
+
+    specs = [Spec(name, (name,), (shape,)) for name, shape in shapes.items()]
+    return assemble(config, specs, fetch, str(path), "the config", device, dtype)
 
 
 def _load_folder(path: Path, device, dtype) -> GPTModel:
@@ -76,7 +89,7 @@ def _load_folder(path: Path, device, dtype) -> GPTModel:
         if looks_like_hf_config(data):
             return load_hf(path, device, dtype)
         if (path / WEIGHTS_NAME).is_file():
-            return load_model(path, device=device)
+            return _load_gptlab(path / WEIGHTS_NAME, GPTConfig.load(config_path), device, dtype)
         if (path / "model.pth").is_file():  # a book checkpoint with its config.json
             return load_book(path / "model.pth", device, dtype)
     pths = sorted(path.glob("*.pth"))
@@ -100,7 +113,7 @@ def _load_file(path: Path, device, dtype) -> GPTModel:
         beside = path.parent / CONFIG_NAME
         if beside.is_file() and looks_like_hf_config(_read_json(beside)):
             return load_hf(path.parent, device, dtype, weights=path)
-        return _load_gptlab_file(path, device)
+        return _load_gptlab(path, None, device, dtype)
     if path.name == CONFIG_NAME:
         return _load_folder(path.parent, device, dtype)
     raise UsageError(f"{path}: not a weights file gptlab reads (.safetensors, .pth, .bin, or a model folder)")
