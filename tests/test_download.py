@@ -28,12 +28,15 @@ class FileServer:
         self.files = dict(files)
         self.requests: list[tuple[str, str | None]] = []
         self.drop_after: dict[str, int] = {}
+        self.ignore_range = False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 rng = self.headers.get("Range")
                 server.requests.append((self.path, rng))
+                if server.ignore_range:
+                    rng = None
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_error(404, "Not Found")
@@ -130,6 +133,13 @@ def test_interrupted_download_resumes_on_next_run(serve, home, monkeypatch, tmp_
     assert not dest.exists() and (tmp_path / "f.bin.part").stat().st_size == 12345
     fetch_file(f"{server.url}/f.bin", dest, progress=False, attempts=1)
     assert dest.read_bytes() == data and server.requests[-1] == ("/f.bin", "bytes=12345-")
+    # a server that ignores Range sends the whole file again: it must replace the partial one
+    server.drop_after["/f.bin"] = 777
+    with pytest.raises(GptlabError):
+        fetch_file(f"{server.url}/f.bin", tmp_path / "g.bin", progress=False, attempts=1)
+    server.ignore_range = True
+    fetch_file(f"{server.url}/f.bin", tmp_path / "g.bin", progress=False, attempts=1)
+    assert (tmp_path / "g.bin").read_bytes() == data
 
 
 def test_wrong_size_and_wrong_hash_are_refused(serve, home, monkeypatch, tmp_path):
