@@ -2,8 +2,8 @@
 
 Pure numpy and fast enough for gigabytes: the data is cut into many equal lanes whose CRCs are
 computed side by side (per 4 bytes, one vectorised step of two 16-bit table lookups across all
-lanes), then the lane CRCs are merged with CRC's linearity (crc(A || B) = shift_len(B)(crc(A)) xor crc(B), where the shift is a
-32x32 matrix over GF(2)). If the optional `google_crc32c` or `crc32c` package is installed, its
+lanes), then the lane CRCs are merged with CRC's linearity: crc(A || B) = shift_len(B)(crc(A))
+xor crc(B), where the shift is a 32x32 matrix over GF(2). If the optional `google_crc32c` or `crc32c` package is installed, its
 native code is used instead.
 """
 
