@@ -58,3 +58,11 @@ def test_model_arg_random_choices(tmp_path, capsys):
     cfg.write_text(json.dumps(tiny_config().to_dict()))
     model = load_model_arg(f"random:{cfg}")  # explicit: no warning
     assert model.config == tiny_config() and capsys.readouterr().err == ""
+
+
+def test_no_tensorflow_anywhere_in_gptlab():
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    offenders = [p for p in src.rglob("*.py") if "import tensorflow" in p.read_text() or "from tensorflow" in p.read_text()]
+    assert offenders == []
