@@ -66,3 +66,16 @@ def test_no_tensorflow_anywhere_in_gptlab():
     src = Path(__file__).resolve().parents[1] / "src"
     offenders = [p for p in src.rglob("*.py") if "import tensorflow" in p.read_text() or "from tensorflow" in p.read_text()]
     assert offenders == []
+
+
+def test_damaged_or_lonely_files_give_clear_errors(tmp_path):
+    (tmp_path / "model.pth").write_bytes(b"junk")
+    with pytest.raises(GptlabError, match="cannot read .*model.pth as a PyTorch checkpoint"):
+        load_pretrained(tmp_path / "model.pth")
+    (tmp_path / "lonely").mkdir()
+    (tmp_path / "lonely" / "pytorch_model.bin").write_bytes(b"junk")
+    with pytest.raises(UsageError, match="config.json"):
+        load_pretrained(tmp_path / "lonely" / "pytorch_model.bin")
+    (tmp_path / "w.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(GptlabError, match="not a readable safetensors"):
+        load_pretrained(tmp_path / "w.safetensors")

@@ -58,6 +58,14 @@ GPT2_LAYER = (
 )
 
 
+def brief(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages can run to paragraphs)."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    first = first[:160] + ("..." if len(first) > 160 else "")
+    return f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
+
+
 def describe(config: GPTConfig) -> str:
     return (
         f"vocab_size={config.vocab_size}, context_length={config.context_length}, emb_dim={config.emb_dim}, "

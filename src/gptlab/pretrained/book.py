@@ -19,7 +19,7 @@ from torch import Tensor
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..model import GPTModel
-from .assemble import Spec, assemble, concat_rows
+from .assemble import Spec, assemble, brief, concat_rows
 
 # GPT-2's head count for its four widths: the only defaults that are facts, not guesses.
 GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}
@@ -35,7 +35,7 @@ def read_book_state(path: str | os.PathLike) -> dict[str, Tensor]:
     except FileNotFoundError:
         raise UsageError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # torch raises many types for damaged or non-weights pickles
-        raise GptlabError(f"cannot read {path} as a PyTorch checkpoint of weights ({exc.__class__.__name__}); "
+        raise GptlabError(f"cannot read {path} as a PyTorch checkpoint of weights ({brief(exc)}); "
                           "it may be damaged or hold more than weights") from None
     if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         obj = obj["model_state_dict"]

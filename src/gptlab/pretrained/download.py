@@ -196,6 +196,8 @@ def _sha256(path: Path) -> str:
 def fetch_file(url: str, dest: Path, expected_size: int | None = None, sha256: str | None = None,
                progress: bool = True, attempts: int = ATTEMPTS) -> Path:
     """Download `url` to `dest` through `dest.part`, resuming after dropped connections."""
+    # Not fileio.atomic_path: it deletes its temporary file on failure, and the partial file is
+    # exactly what a resumed download needs. The guarantee is the same: fsync, then rename.
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     for attempt in range(1, attempts + 1):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..fileio import atomic_path, write_json
 from ..model import GPTModel
-from .assemble import GPT2_LAYER, assemble, gpt2_specs, transpose
+from .assemble import GPT2_LAYER, assemble, brief, gpt2_specs, transpose
 
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -100,8 +101,8 @@ def _open_tensors(path: Path) -> tuple[list[str], Callable[[str], Tensor]]:
             return list(weight_map), lambda name: handles[weight_map[name]].get_tensor(name)
         handle = safe_open(str(path), framework="pt")
         return list(handle.keys()), handle.get_tensor
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
-        raise GptlabError(f"cannot read {path} ({exc}); it may be truncated: download it again") from None
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise GptlabError(f"cannot read {path} ({brief(exc)}); it may be truncated: download it again") from None
 
 
 def load_hf(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -109,6 +110,8 @@ def load_hf(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype
     """Load a Hugging Face GPT-2 folder (or `weights` with the folder's config.json)."""
     folder = Path(folder)
     config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"{config_path} not found: Hugging Face weights need their folder's config.json beside them")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
