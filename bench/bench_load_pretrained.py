@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,31 @@ def timed(label: str, fn, repeat: int = 3):
     return result
 
 
+def _anon_mib() -> int:
+    """Anonymous resident memory (not the page cache behind memory maps), Linux only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) // 1024
+    return -1
+
+
+def peak_anon_during(fn) -> tuple[int, object]:
+    """Peak growth of anonymous memory (MiB) while `fn` runs, sampled every 5 ms."""
+    base, peak, done = _anon_mib(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_mib() - base)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    result = fn()
+    done.set()
+    watcher.join()
+    return peak[0], result
+
+
 def main(openai_folder: Path) -> None:
     from gptlab import load_pretrained, save_model
     from gptlab.pretrained import save_hf
@@ -34,6 +60,9 @@ def main(openai_folder: Path) -> None:
     from gptlab.pretrained.openai import load_openai
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    peak, model = peak_anon_during(lambda: load_openai(openai_folder, verify=True))
+    print(f"openai folder: peak anonymous memory +{peak} MiB for {model.num_parameters() * 4 / 2**20:.0f} MiB of weights")
+    del model
     data = np.random.default_rng(0).integers(0, 256, 154_389_504, dtype=np.uint8)  # wte's bytes
     timed("crc32c numpy, 154 MB (wte)", lambda: crc32c(data, use_native=False), repeat=2)
     model = timed("openai folder, first load (CRC-32C of every tensor)", lambda: load_openai(openai_folder, verify=True))
