@@ -38,6 +38,13 @@ def test_pytorch_model_bin_and_bare_gpt2model_names(tmp_path):
     assert_same_model(load_pretrained(folder), hf, SHAPES[1]["vocab_size"])
 
 
+def test_sharded_safetensors(tmp_path):
+    hf = random_hf_model(8, **SHAPES[0])
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert_same_model(load_pretrained(tmp_path / "hf"), hf, SHAPES[0]["vocab_size"])
+
+
 def test_export_round_trip_gptlab_hf_transformers(tmp_path):
     hf = random_hf_model(3, **SHAPES[0])
     hf.save_pretrained(tmp_path / "src")

@@ -72,7 +72,8 @@ def load_openai(folder: str | os.PathLike, device: str | torch.device = "cpu", d
 
     def fetch(name: str) -> torch.Tensor:
         # A private copy per tensor: the memory map is read-only, and torch wants writable memory.
-        return torch.from_numpy(np.array(ckpt.read(name)))
+        tensor = torch.from_numpy(np.array(ckpt.read(name)))
+        return tensor.view(torch.bfloat16) if ckpt.is_bfloat16(name) else tensor
 
     specs = gpt2_specs(config, _openai_name, lambda n_in, n_out: (1, n_in, n_out), squeeze_transpose, ("g", "b"))
     model = assemble(config, specs, fetch, str(ckpt.prefix), str(folder / HPARAMS_NAME), device, dtype)

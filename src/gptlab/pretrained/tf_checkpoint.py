@@ -246,6 +246,10 @@ class TFCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 
+    def is_bfloat16(self, name: str) -> bool:
+        """True when `read(name)` returns bfloat16 bit patterns as uint16 (numpy has no bfloat16)."""
+        return self._entry(name).dtype == _DT_BFLOAT16
+
     def _entry(self, name: str) -> TensorEntry:
         try:
             return self.entries[name]
@@ -269,7 +273,7 @@ class TFCheckpoint:
         if entry.sliced:
             raise CheckpointError(f"tensor {name} is stored in slices (a partitioned variable); not supported")
         if entry.dtype == _DT_BFLOAT16:
-            dtype = np.dtype("<u2")  # raw bits; the caller widens them (numpy has no bfloat16)
+            dtype = np.dtype("<u2")  # raw bits: see is_bfloat16
         elif entry.dtype in _DTYPES:
             dtype = _DTYPES[entry.dtype]
         else:
