@@ -7,7 +7,7 @@ from .config import PRESETS, GPTConfig, get_preset
 from .device import resolve_device
 from .errors import GptlabError, UsageError
 from .model import GPTModel, KVCache
-from .pretrained import load_pretrained
+from .pretrained import download_model, load_pretrained, save_hf
 from .tokenizer import decode, encode, get_tokenizer, text_to_token_ids, token_ids_to_text
 
 __all__ = [
@@ -27,4 +27,6 @@ __all__ = [
     "save_model",
     "text_to_token_ids",
     "token_ids_to_text",
+    "download_model",
+    "save_hf",
 ]
