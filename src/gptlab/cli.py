@@ -15,6 +15,7 @@ from .errors import GptlabError
 # Verb -> module in gptlab.commands. Each module has `register(subparsers)` and sets `func`.
 COMMANDS = {
     "info": "info",
+    "prepare": "prepare",
 }
 
 
