@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,10 +132,13 @@ def translate_errors(rank: int | None = None) -> Iterator[None]:
         if isinstance(exc, GptlabError) or not _looks_distributed(exc):
             raise
         who = f"rank {get_rank() if rank is None else rank}"
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        # Keep gloo/nccl's first sentence, without its "[/path/file.cc:123]" source location.
+        first = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        first = first.split(". ")[0][:160] or type(exc).__name__
         raise GptlabError(
-            f"{who}: lost contact with another rank ({first}); it failed or hung (its error is above "
-            f"in torchrun's output), so the job stops; the collective timeout is {TIMEOUT_ENV}"
+            f"{who}: lost contact with another rank ({first}); that rank failed or hung (its own error, "
+            f"if any, is above), so the job stops; collectives time out after {timeout_seconds():g} s "
+            f"({TIMEOUT_ENV})"
         ) from exc
 
 
