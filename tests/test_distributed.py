@@ -5,6 +5,7 @@ The loop itself lives in tests/dist_worker.py (run by torchrun, imported here fo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -26,6 +27,13 @@ from .conftest import SRC
 
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
 GLOBAL_BATCH = W.MICRO * W.ACCUM * 2  # 2 ranks
+
+
+@functools.lru_cache(maxsize=2)
+def reference(token_file: str, steps: int):
+    """Single-process losses and final weights (computed once per step count)."""
+    losses, model, _ = W.reference_run(token_file, steps, GLOBAL_BATCH)
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def torchrun(mode: str, tokens: str, out: Path, timeout: float = 120, env: dict | None = None):
@@ -56,11 +64,10 @@ def trained(tmp_path_factory, token_file) -> Path:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(trained, token_file, strategy):
     results = json.loads((trained / "results.json").read_text())[strategy]
-    reference, ref_model, _ = W.reference_run(token_file, W.STEPS, GLOBAL_BATCH)
-    assert np.allclose(results["losses"], reference, atol=1e-4, rtol=0), (results["losses"], reference)
+    losses, expected = reference(token_file, W.STEPS)
+    assert np.allclose(results["losses"], losses, atol=1e-4, rtol=0), (results["losses"], losses)
     # Full weights gathered on rank 0 carry plain names and equal the single-process weights.
     state = torch.load(trained / f"{strategy}.pt", weights_only=True)["model"]
-    expected = ref_model.state_dict()
     assert set(state) == set(expected)
     for name, tensor in expected.items():
         assert torch.allclose(state[name], tensor, atol=1e-5), name
@@ -90,9 +97,9 @@ def test_resume_on_a_different_number_of_ranks(trained, token_file, strategy):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    reference, ref_model, _ = W.reference_run(token_file, W.STEPS + 1, GLOBAL_BATCH)
-    assert loss.item() == pytest.approx(reference[-1], abs=1e-4)
-    for name, tensor in ref_model.state_dict().items():
+    losses, expected = reference(token_file, W.STEPS + 1)
+    assert loss.item() == pytest.approx(losses[-1], abs=1e-4)
+    for name, tensor in expected.items():
         assert torch.allclose(model.state_dict()[name], tensor, atol=1e-5), name
 
 

@@ -263,14 +263,14 @@ def prepare_dataset(
         raise UsageError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if workers < 1 or chunk_bytes < 1:
         raise UsageError("workers and chunk_bytes must be at least 1")
+    out = Path(out)
+    sources = collect_sources(paths)
+    check_out_dir(out, force)
     from .tokenizer import EOT_ID, get_tokenizer
 
     vocab_size = get_tokenizer().n_vocab
     if vocab_size > np.iinfo(np.uint16).max + 1:
         raise GptlabError(f"a vocabulary of {vocab_size} does not fit uint16 token files")
-    out = Path(out)
-    sources = collect_sources(paths)
-    check_out_dir(out, force)
     out.mkdir(parents=True, exist_ok=True)
     # The old meta.json goes first: a crash below leaves no meta.json pointing at mismatched .bin files.
     (out / META_NAME).unlink(missing_ok=True)
