@@ -66,16 +66,29 @@ def _grad_checksum(model) -> float:
     return float(grad.double().abs().sum()) if grad is not None else float("nan")
 
 
-def distributed_run(strategy: str, tokens: str, info) -> dict:
+def distributed_run(
+    strategy: str, tokens: str, info, steps: int = STEPS, resume: dict | None = None, save_dir: Path | None = None
+) -> dict:
+    """`steps` optimizer steps; with `resume` (a checkpoint held by rank 0 only), continue after STEPS.
+
+    `save_dir`: also save the trained model in gptlab's format there (rank 0 writes).
+    """
     from gptlab import distributed as D
 
     model = D.wrap_model(make_model(), strategy, info.device)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    done = 0
+    if resume is not None:
+        # Only rank 0 holds the checkpoint (as if only it could read the file): the loaders broadcast it.
+        D.load_model_state_dict(model, resume["model"] if info.is_main else {})
+        D.load_optimizer_state_dict(model, opt, resume["optim"] if info.is_main else {})
+        done = STEPS
     data = TokenFileDataset(tokens, CONFIG.context_length)
-    sampler = WindowBatchSampler(len(data), MICRO, seed=7, rank=info.rank, world_size=info.world_size)
+    start = done * MICRO * ACCUM * info.world_size
+    sampler = WindowBatchSampler(len(data), MICRO, seed=7, rank=info.rank, world_size=info.world_size, start=start)
     batches = iter_batches(data, sampler)
     losses, unsynced, synced = [], [], []
-    for _ in range(STEPS):
+    for _ in range(steps):
         opt.zero_grad()
         total = 0.0
         for micro in range(ACCUM):
@@ -92,6 +105,8 @@ def distributed_run(strategy: str, tokens: str, info) -> dict:
                 (synced if last else unsynced).append(sums)
         opt.step()
         losses.append(D.all_reduce_mean(total))
+    if save_dir is not None:
+        D.save_model_distributed(model, save_dir)
     return {"losses": losses, "unsynced": unsynced, "synced": synced,
             "model": D.model_state_dict(model), "optim": D.optimizer_state_dict(model, opt)}
 
@@ -112,12 +127,17 @@ def main() -> int:
                 time.sleep(120)
             D.all_reduce_mean(1.0)
         else:
-            results = {}
+            results, saved = {}, {}
             for strategy in ("ddp", "fsdp"):
-                run = distributed_run(strategy, tokens, info)
+                run = distributed_run(strategy, tokens, info, save_dir=out / f"{strategy}_model")
+                saved[strategy] = {"model": run.pop("model"), "optim": run.pop("optim")}
                 if info.is_main:
-                    torch.save({"model": run.pop("model"), "optim": run.pop("optim")}, out / f"{strategy}.pt")
+                    torch.save(saved[strategy], out / f"{strategy}.pt")
                 results[strategy] = {k: v for k, v in run.items() if k in ("losses", "unsynced", "synced")}
+            # Resume one step from the OTHER strategy's checkpoint: the full form is strategy-independent.
+            for strategy, other in (("ddp", "fsdp"), ("fsdp", "ddp")):
+                run = distributed_run(strategy, tokens, info, steps=1, resume=saved[other])
+                results[f"{strategy}_resumed_from_{other}"] = run["losses"]
             if info.is_main:
                 (out / "results.json").write_text(json.dumps(results))
     except GptlabError as exc:

@@ -73,6 +73,22 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(trained, token_f
         assert torch.allclose(state[name], tensor, atol=1e-5), name
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_save_model_distributed_writes_a_plain_model(trained, token_file, strategy):
+    loaded = load_model(trained / f"{strategy}_model")
+    _, expected = reference(token_file, W.STEPS)
+    for name, tensor in expected.items():
+        assert torch.allclose(loaded.state_dict()[name], tensor, atol=1e-5), name
+
+
+def test_resume_across_strategies_under_torchrun(trained, token_file):
+    """Each strategy resumed (on 2 ranks, checkpoint broadcast from rank 0) from the other's checkpoint."""
+    results = json.loads((trained / "results.json").read_text())
+    losses, _ = reference(token_file, W.STEPS + 1)
+    for key in ("ddp_resumed_from_fsdp", "fsdp_resumed_from_ddp"):
+        assert results[key][0] == pytest.approx(losses[-1], abs=1e-4), key
+
+
 def test_gradient_sync_is_skipped_on_accumulation_micro_steps(trained):
     ddp = json.loads((trained / "results.json").read_text())["ddp"]
     for a, b in ddp["unsynced"]:  # local gradients of different data
