@@ -7,7 +7,10 @@ from .config import PRESETS, GPTConfig, get_preset
 from .device import resolve_device
 from .errors import GptlabError, UsageError
 from .model import GPTModel, KVCache
+from .prepare import prepare_dataset
 from .pretrained import load_pretrained
+from .speed import compile_model, flops_per_token, unwrap_model
+from .tokenfile import TokenFileDataset, WindowBatchSampler, is_prepared_dir, load_prepared
 from .tokenizer import decode, encode, get_tokenizer, text_to_token_ids, token_ids_to_text
 
 __all__ = [
@@ -27,4 +30,12 @@ __all__ = [
     "save_model",
     "text_to_token_ids",
     "token_ids_to_text",
+    "prepare_dataset",
+    "TokenFileDataset",
+    "WindowBatchSampler",
+    "is_prepared_dir",
+    "load_prepared",
+    "compile_model",
+    "flops_per_token",
+    "unwrap_model",
 ]
