@@ -77,6 +77,11 @@ def test_pieces_give_exactly_the_one_shot_tokens(tmp_path, corpus):
         assert src["bytes"] == f.stat().st_size
         assert src["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
+    # An output folder inside an input folder is not read back as input.
+    again = prepare_dataset(inputs, inputs[0] / "prepared", val_fraction=0.25)
+    assert again["train_tokens"] + again["val_tokens"] == len(ref)
+    again = prepare_dataset(inputs, inputs[0] / "prepared", val_fraction=0.25, force=True)
+    assert again["documents"] == 4
 
 
 def test_find_cut_only_after_a_visible_ascii_byte():

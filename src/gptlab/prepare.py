@@ -74,10 +74,18 @@ class Piece:
     last: bool
 
 
-def collect_sources(paths: Sequence[str | os.PathLike]) -> list[Source]:
-    """Input files in order: each path as given, folders expanded recursively and sorted by path."""
+def _inside(path: Path, folder: Path | None) -> bool:
+    return folder is not None and (path.resolve() == folder or folder in path.resolve().parents)
+
+
+def collect_sources(paths: Sequence[str | os.PathLike], exclude: Path | None = None) -> list[Source]:
+    """Input files in order: each path as given, folders expanded recursively and sorted by path.
+
+    Files under `exclude` (the output folder, when it lies inside an input folder) are left out.
+    """
     if not paths:
         raise UsageError("no input given; pass --data FILE_OR_FOLDER ...")
+    exclude = exclude.resolve() if exclude is not None else None
     sources: list[Source] = []
     for raw in paths:
         path = Path(raw)
@@ -85,6 +93,7 @@ def collect_sources(paths: Sequence[str | os.PathLike]) -> list[Source]:
             found = sorted(
                 p for p in path.rglob("*")
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and not _inside(p, exclude)
             )
             found = [p for p in found if p.stat().st_size > 0]
             if not found:
@@ -206,6 +215,15 @@ def _encoded_stream(tasks: Iterator[list[Piece]], workers: int) -> Iterator[tupl
             yield result.get(), size
 
 
+def default_workers() -> int:
+    """CPUs this process may use, at most 8: each worker process costs a few hundred MB (it imports gptlab)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
 def check_out_dir(out: Path, force: bool) -> None:
     """Refuse to mix tokenizers in `out`, and to overwrite a prepared dataset without `force`."""
     if out.exists() and not out.is_dir():
@@ -264,7 +282,7 @@ def prepare_dataset(
     if workers < 1 or chunk_bytes < 1:
         raise UsageError("workers and chunk_bytes must be at least 1")
     out = Path(out)
-    sources = collect_sources(paths)
+    sources = collect_sources(paths, exclude=out)
     check_out_dir(out, force)
     from .tokenizer import EOT_ID, get_tokenizer
 

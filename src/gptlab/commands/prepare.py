@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .common import fraction_open, positive_int
@@ -23,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for train.bin, val.bin and meta.json")
     p.add_argument("--val-fraction", type=fraction_open, default=0.1, help="share of tokens for val.bin (0.1)")
     p.add_argument(
-        "--workers", type=positive_int, default=None, help="tokenizer processes (default: number of CPUs)"
+        "--workers", type=positive_int, default=None, help="tokenizer processes (default: the CPUs available, at most 8)"
     )
     p.add_argument("--force", action="store_true", help="replace a dataset already prepared in DIR")
     p.add_argument("--json", action="store_true", help="print meta.json's content as one JSON object")
@@ -31,9 +30,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..prepare import prepare_dataset
+    from ..prepare import default_workers, prepare_dataset
 
-    workers = args.workers or os.cpu_count() or 1
+    workers = args.workers or default_workers()
     meta = prepare_dataset(
         args.data, args.out, val_fraction=args.val_fraction, workers=workers, force=args.force
     )
