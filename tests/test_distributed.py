@@ -198,3 +198,12 @@ def test_peak_tflops_lookup_and_mfu():
     # 1e6 tokens/s at 1e8 FLOPs each = 1e14 FLOP/s = 50% of 2 devices at 100 TFLOPS.
     assert mfu(1e6, 1e8, 100.0, num_devices=2) == pytest.approx(0.5)
     assert mfu(1e6, 1e8, None) is None
+
+
+def test_translate_errors_names_lost_ranks_and_passes_other_errors():
+    with pytest.raises(D.GptlabError, match=r"rank 3: lost contact with another rank \(Connection closed by peer"):
+        with D.translate_errors(rank=3):
+            raise RuntimeError("[/src/gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:4242. Check logs")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with D.translate_errors():
+            raise RuntimeError("shape mismatch")

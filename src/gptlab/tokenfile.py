@@ -69,7 +69,7 @@ class TokenFileDataset(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # the current epoch and the next (a batch may straddle them)
 def _permutation(num_windows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_windows)
 
