@@ -12,6 +12,7 @@ from gptlab.errors import GptlabError, UsageError
 from gptlab.tokenfile import (
     TokenFileDataset,
     WindowBatchSampler,
+    eval_batches,
     is_prepared_dir,
     iter_batches,
     load_prepared,
@@ -124,3 +125,17 @@ def test_load_prepared_checks_meta_against_files(tmp_path):
         load_prepared(tmp_path, context_length=4)
     with pytest.raises(UsageError, match="not a prepared dataset"):
         load_prepared(tmp_path / "missing", context_length=4)
+
+
+def test_eval_batches_cover_every_window_once_with_equal_batch_counts(tmp_path):
+    data = TokenFileDataset(write_tokens(tmp_path / "t.bin", range(1, 80)), context_length=3)  # 26 windows
+    firsts = {w[0].item(): i for i, w in enumerate(data[i][0] for i in range(len(data)))}
+    for world_size, limit in ((1, None), (2, None), (3, 20)):
+        per_rank = [list(eval_batches(data, 4, rank=r, world_size=world_size, max_windows=limit))
+                    for r in range(world_size)]
+        assert len({len(b) for b in per_rank}) == 1  # the same number of batches on every rank
+        real = [firsts[x[i, 0].item()] for batches in per_rank for x, y, n in batches for i in range(n)]
+        assert sorted(real) == list(range(limit or len(data)))
+        for batches in per_rank:
+            for x, y, _ in batches:
+                assert x.shape == (4, 3) and torch.equal(x[:, 1:], y[:, :-1])

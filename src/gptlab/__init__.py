@@ -10,7 +10,14 @@ from .model import GPTModel, KVCache
 from .prepare import prepare_dataset
 from .pretrained import load_pretrained
 from .speed import compile_model, flops_per_token, unwrap_model
-from .tokenfile import TokenFileDataset, WindowBatchSampler, is_prepared_dir, load_prepared
+from .tokenfile import (
+    TokenFileDataset,
+    WindowBatchSampler,
+    eval_batches,
+    is_prepared_dir,
+    iter_batches,
+    load_prepared,
+)
 from .tokenizer import decode, encode, get_tokenizer, text_to_token_ids, token_ids_to_text
 
 __all__ = [
@@ -35,6 +42,8 @@ __all__ = [
     "WindowBatchSampler",
     "is_prepared_dir",
     "load_prepared",
+    "iter_batches",
+    "eval_batches",
     "compile_model",
     "flops_per_token",
     "unwrap_model",

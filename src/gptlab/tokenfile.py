@@ -154,6 +154,33 @@ def iter_batches(
         yield chunk[:, :-1], chunk[:, 1:]
 
 
+def eval_batches(
+    dataset: TokenFileDataset,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_windows: int | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(x, y, n_real) batches covering windows 0..N-1 in order once across all ranks (for evaluation).
+
+    N = len(dataset), or `max_windows` if smaller. Every rank yields the SAME number of full-size
+    batches (FSDP's forward is a collective, so no rank may stop early); rows past N repeat window 0
+    and only the first `n_real` rows of a batch count. Sum the loss of those rows and their token
+    count on each rank, then all-reduce both sums for the exact mean.
+    """
+    total = len(dataset) if max_windows is None else min(len(dataset), max_windows)
+    per_round = world_size * batch_size
+    for base in range(rank * batch_size, -(-total // per_round) * per_round, per_round):
+        positions = np.arange(base, base + batch_size)
+        n_real = int(max(0, min(batch_size, total - base)))
+        chunk = torch.from_numpy(dataset.window(np.where(positions < total, positions, 0)))
+        if device is not None:
+            chunk = chunk.to(device)
+        yield chunk[:, :-1], chunk[:, 1:], n_real
+
+
 def read_meta(folder: str | os.PathLike) -> dict:
     """meta.json of a prepared folder, validated against the token files' sizes."""
     folder = Path(folder)
