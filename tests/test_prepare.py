@@ -162,3 +162,11 @@ def test_cli_bad_inputs(tmp_path):
     assert_clean_error(proc, 2, "latin1.txt", "UTF-8", "byte 500003")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
     assert_clean_error(run_cli("prepare", "--data", str(bad), "--out", out, "--val-fraction", "1.5"), 2, "between")
+
+
+def test_progress_bar_counts_bytes(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("some words here\n" * 3000)
+    prepare_dataset([text], tmp_path / "out", progress=True, chunk_bytes=4096)
+    err = capsys.readouterr().err
+    assert "prepare: 100%" in err and "46.9k/46.9k" in err and "B/s" in err  # 48,000 bytes in KiB
