@@ -7,7 +7,17 @@ from .config import PRESETS, GPTConfig, get_preset
 from .device import resolve_device
 from .errors import GptlabError, UsageError
 from .model import GPTModel, KVCache
+from .prepare import prepare_dataset
 from .pretrained import download_model, load_pretrained, save_hf
+from .speed import compile_model, flops_per_token, unwrap_model
+from .tokenfile import (
+    TokenFileDataset,
+    WindowBatchSampler,
+    eval_batches,
+    is_prepared_dir,
+    iter_batches,
+    load_prepared,
+)
 from .tokenizer import decode, encode, get_tokenizer, text_to_token_ids, token_ids_to_text
 
 __all__ = [
@@ -29,4 +39,14 @@ __all__ = [
     "token_ids_to_text",
     "download_model",
     "save_hf",
+    "prepare_dataset",
+    "TokenFileDataset",
+    "WindowBatchSampler",
+    "is_prepared_dir",
+    "load_prepared",
+    "iter_batches",
+    "eval_batches",
+    "compile_model",
+    "flops_per_token",
+    "unwrap_model",
 ]

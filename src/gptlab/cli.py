@@ -17,6 +17,7 @@ COMMANDS = {
     "info": "info",
     "download": "download",
     "convert": "convert",
+    "prepare": "prepare",
 }
 
 
