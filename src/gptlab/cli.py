@@ -15,6 +15,8 @@ from .errors import GptlabError
 # Verb -> module in gptlab.commands. Each module has `register(subparsers)` and sets `func`.
 COMMANDS = {
     "info": "info",
+    "train": "train",
+    "eval": "eval",
 }
 
 
