@@ -152,7 +152,7 @@ def create_dataloader(
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and len(dataset) > 0,  # RandomSampler refuses an empty dataset
         drop_last=drop_last,
         num_workers=num_workers,
         generator=generator,

@@ -515,6 +515,10 @@ def train(
                     if on_step is not None:
                         on_step(state)
                     if state.batches_done >= n_batches:
+                        # Run the iterator to its end, as a `for` loop would: the sampler draws from the
+                        # loader's generator on exhaustion, and the next epoch's order depends on it.
+                        for _ in batches:
+                            pass
                         sample()
                         state.epoch += 1
                         state.batches_done = 0
