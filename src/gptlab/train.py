@@ -306,6 +306,7 @@ def save_training_state(
     precision: Precision,
     cfg: TrainConfig,
     run_info: dict | None = None,
+    plot: bool = True,
 ) -> None:
     """Checkpoint first, then the model folder files and the plot: the checkpoint is the truth."""
     save_checkpoint(
@@ -317,7 +318,7 @@ def save_training_state(
     )
     save_model(model_of(model), out_dir)
     write_metrics(out_dir / METRICS_NAME, state.metrics)
-    if state.metrics:
+    if plot and state.metrics:
         from .plot import plot_losses
 
         plot_losses(state.metrics, out_dir / PLOT_NAME)
@@ -474,11 +475,13 @@ def train(
         if out is not None:
             write_metrics(out / METRICS_NAME, state.metrics)
 
-    def save() -> None:
+    def save(final: bool = False) -> None:
         if out is not None:
             loader_rng = {"epoch_start": epoch_start, "current": _loader_rng(train_loader)}
             settings = dataclasses.replace(cfg, decay_steps=decay_steps)
-            save_training_state(out, model, optimizer, state, loader_rng, precision, settings, run_info)
+            # The plot (matplotlib, ~1 s) is drawn at the end only; metrics.jsonl is the live record.
+            snapshot = dataclasses.replace(state, elapsed_s=round(elapsed(), 3))
+            save_training_state(out, model, optimizer, snapshot, loader_rng, precision, settings, run_info, plot=final)
 
     def sample() -> None:
         if cfg.sample_prompt:
@@ -532,8 +535,8 @@ def train(
                     sample()  # stopped by max_steps inside an epoch: still show where the model stands
                 if not state.metrics or state.metrics[-1]["step"] != state.step:
                     record_eval()
+            save(final=True)
             state.elapsed_s = elapsed()
-            save()
     finally:
         report.close()
     if interrupted and out is not None:

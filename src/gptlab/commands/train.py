@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..runs import TrainConfig, resume_settings, run_training
+    from ..runs import TrainConfig, check_out_dir, resume_settings, run_training
 
     explicit = {name: getattr(args, name) for name in OPTION_FIELDS if getattr(args, name) is not None}
     if args.resume and args.force:
@@ -87,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--resume needs --out DIR, the run to continue")
     if "model" in explicit and "init" in explicit:
         raise UsageError("give --model (random weights) or --init (existing weights), not both")
-    cfg = resume_settings(Path(args.out), explicit) if args.resume else TrainConfig(**explicit)
+    if args.resume:
+        check_out_dir(Path(args.out), resume=True, force=False)
+        cfg = resume_settings(Path(args.out), explicit)
+    else:
+        cfg = TrainConfig(**explicit)
     result = run_training(cfg, args.out, resume=args.resume, force=args.force)
     out = result.out_dir
     if result.interrupted:
