@@ -54,7 +54,7 @@ class TrainConfig:
     # data
     data: list[str] | None = None  # files, folders or corpus names; None: the built-in corpus
     val_fraction: float = 0.1
-    batch_size: int = 16
+    batch_size: int = 8
     context_length: int | None = None  # window length; None: the model's context length
     stride: int | None = None  # None: context_length (windows do not overlap)
     num_workers: int = 0
@@ -65,7 +65,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 2
     max_steps: int | None = None
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int = 20
     lr_schedule: str = "cosine"
@@ -75,8 +75,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
     # evaluation, samples, output
-    eval_every: int = 25
-    eval_iters: int = 10
+    eval_every: int = 50
+    eval_iters: int = 5
     eval_at_start: bool = True
     sample_prompt: str | None = "The"
     sample_tokens: int = 50
