@@ -148,27 +148,42 @@ def test_resume_with_more_steps_and_force(run_dir, setup):
     assert [m["step"] for m in read_metrics(out)] == [0, 1, 2]
 
 
+def cli_many(*arg_lists):
+    """Run several CLI commands at once (each is mostly Python start-up); results in order."""
+    env = dict(os.environ, PYTHONPATH=SRC, **ONE_THREAD)
+    procs = [subprocess.Popen([sys.executable, "-m", "gptlab", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for args in arg_lists]
+    results = []
+    for args, proc in zip(arg_lists, procs, strict=True):
+        out, err = proc.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+    return results
+
+
 def test_bad_inputs_fail_cleanly_and_write_nothing(setup, tmp_path):
     out = tmp_path / "out"
-
-    def fails(code, *needles, args=(), data=None):
-        data = data if data is not None else setup / "text.txt"
-        proc = cli("train", "--data", str(data), "--model", str(setup / "tiny.json"), "--out", str(out), *args)
-        assert_clean_error(proc, code, *needles)
-        assert not out.exists()
-
-    fails(2, "not found", data=tmp_path / "missing.txt")
     (tmp_path / "empty.txt").write_text("")
-    fails(2, "empty", data=tmp_path / "empty.txt")
     (tmp_path / "latin.txt").write_bytes("d\xe9j\xe0 vu".encode("latin-1"))
-    fails(2, "not UTF-8", data=tmp_path / "latin.txt")
     (tmp_path / "short.txt").write_text("only a few words here")
-    fails(2, "has 5 tokens", "needs at least", data=tmp_path / "short.txt")
-    fails(2, "--val-fraction", args=("--val-fraction", "1.5"))
-    fails(2, "--batch-size", args=("--batch-size", "0"))
-    fails(2, "--lr", args=("--lr", "-0.001"))
-    fails(2, "above the model's maximum", args=("--context-length", "64"))
-    assert_clean_error(cli("train", "--out", str(out), "--resume"), 2, "nothing to resume")
+    text = setup / "text.txt"
+    cases = [  # (data, extra options, exit code, words the one-line error must contain)
+        (tmp_path / "missing.txt", (), 2, ["not found"]),
+        (tmp_path / "empty.txt", (), 2, ["empty"]),
+        (tmp_path / "latin.txt", (), 2, ["not UTF-8"]),
+        (tmp_path / "short.txt", (), 2, ["has 5 tokens", "needs at least"]),
+        (text, ("--val-fraction", "1.5"), 2, ["--val-fraction"]),
+        (text, ("--batch-size", "0"), 2, ["--batch-size"]),
+        (text, ("--lr", "-0.001"), 2, ["--lr"]),
+        (text, ("--context-length", "64"), 2, ["above the model's maximum"]),
+    ]
+    results = cli_many(
+        *[("train", "--data", str(data), "--model", str(setup / "tiny.json"), "--out", str(out), *extra)
+          for data, extra, _, _ in cases],
+        ("train", "--out", str(out), "--resume"),
+    )
+    for (_, _, code, needles), proc in zip(cases, results, strict=False):
+        assert_clean_error(proc, code, *needles)
+    assert_clean_error(results[-1], 2, "nothing to resume")
     assert not out.exists()
 
 
@@ -189,3 +204,15 @@ def test_bad_run_folders(run_dir, setup, tmp_path):
     before = {name: (broken / name).read_bytes() for name in run_files(broken)}
     assert_clean_error(cli("train", "--out", str(broken), "--resume"), 1, "corrupt or truncated")
     assert {name: (broken / name).read_bytes() for name in run_files(broken)} == before
+
+
+def test_init_continues_from_existing_weights(run_dir, setup):
+    src, _ = run_dir
+    out = setup / "continued"
+    proc = cli("train", "--init", str(src), "--data", str(setup / "text.txt"), "--out", str(out), "--batch-size",
+               "4", "--eval-iters", "2", "--max-steps", "2", "--eval-every", "100", "--drop-rate", "0.0", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    before, after = read_metrics(src)[-1], read_metrics(out)[0]
+    assert after["step"] == 0 and after["val_loss"] == before["val_loss"]  # same weights, same validation data
+    assert json.loads((out / "config.json").read_text())["drop_rate"] == 0.0
+    assert_clean_error(cli("train", "--init", str(src), "--model", "gpt-nano"), 2, "not both")
