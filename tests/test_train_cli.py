@@ -73,7 +73,7 @@ def test_eval_json_and_text(run_dir, setup):
     result = json.loads(proc.stdout)
     assert list(result) == ["loss", "perplexity", "tokens"] and result["tokens"] == 4  # 5 tokens, the first has no context
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
-    proc = cli("eval", "--model", str(out), "--data", str(setup / "text.txt"), "--stride", "8")
+    proc = cli("eval", "--model", str(out), "--data", str(setup / "text.txt"), "--stride", "12")
     assert proc.returncode == 0, proc.stderr
     assert "perplexity" in proc.stdout and "tokens" in proc.stdout
     assert_clean_error(cli("eval", "--model", str(out), "--text", "a b", "--context-length", "99"), 2, "maximum")
