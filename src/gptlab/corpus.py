@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -60,7 +61,28 @@ def builtin_documents() -> list[str]:
         raise GptlabError(
             "this Python has no pydoc_data module, so the built-in corpus is unavailable; pass --data PATH"
         ) from exc
-    return [topics[key].strip() for key in sorted(topics)]
+    return [reflow(topics[key]) for key in sorted(topics)]
+
+
+_UNDERLINE = re.compile(r"^([*=~^-])\1{2,}$")
+
+
+def reflow(text: str) -> str:
+    """Prose paragraphs on one line each; indented blocks (code, grammar) and their line breaks kept.
+
+    The docs are hard-wrapped at ~70 columns with heading underlines and two spaces after full stops.
+    Left as is, a newline is one token in ten and a tiny model learns mostly to predict newlines;
+    joined, the text reads as sentences (9% fewer tokens: 126,017).
+    """
+    lines = [line for line in text.strip().split("\n") if not _UNDERLINE.match(line.strip())]
+    paragraphs = []
+    for block in re.split(r"\n[ \t]*\n", "\n".join(lines)):
+        block_lines = block.split("\n")
+        if block.strip() and all(line and not line[0].isspace() for line in block_lines):
+            block = re.sub(r" {2,}", " ", " ".join(line.strip() for line in block_lines))
+        if block.strip():
+            paragraphs.append(block)
+    return "\n\n".join(paragraphs)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -45,7 +45,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_iters: int = 5
     eval_at_start: bool = True
-    sample_prompt: str | None = "The"
+    sample_prompt: str | None = "A function"
     sample_tokens: int = 50
     save_every: int = 0  # 0: save only at the end (and on Ctrl-C)
     seed: int = 123

@@ -45,7 +45,7 @@ def register(sub) -> None:
     out = p.add_argument_group("evaluation and output")
     out.add_argument("--eval-every", type=positive_int, help="evaluate every N steps (25)")
     out.add_argument("--eval-iters", type=positive_int, help="batches per evaluation (10)")
-    out.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch ('The'; '' for none)")
+    out.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch ('A function'; '' for none)")
     out.add_argument("--save-every", type=non_negative_int, help="checkpoint every N steps (0: only at the end)")
     out.add_argument("--out", metavar="DIR", help="run folder (runs/<date>-<time>)")
     out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -107,5 +107,5 @@ def run(args: argparse.Namespace) -> int:
         f"(perplexity {perplexity(final['val_loss']):.1f})"
     )
     print(f"saved in {out}: model (config.json, model.safetensors), checkpoint.pt, metrics.jsonl, loss.png")
-    print(f'sample from it: gptlab generate --model {out} --prompt "{cfg.sample_prompt or "The"}"')
+    print(f'sample from it: gptlab generate --model {out} --prompt "{cfg.sample_prompt or "A function"}"')
     return 0
