@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gptlab import create_dataloader
-from gptlab.corpus import Corpus, builtin_documents, download_file, fetch_corpus
+from gptlab.corpus import Corpus, builtin_documents, download_file, fetch_corpus, reflow
 from gptlab.data import (
     GPTDataset,
     load_documents,
@@ -101,6 +101,12 @@ def test_read_files_folders_and_bad_files(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(UsageError, match="no .txt files"):
         load_documents([tmp_path / "nothing"])
+
+
+def test_reflow_joins_prose_and_keeps_code():
+    text = ("Title\n*****\n\nA wrapped  sentence\nthat goes on.\n\n   for i in x:\n       print(i)\n\n"
+            "Last\nline.\n")
+    assert reflow(text) == "Title\n\nA wrapped sentence that goes on.\n\n   for i in x:\n       print(i)\n\nLast line."
 
 
 def test_builtin_corpus_is_pythons_docs():
