@@ -267,3 +267,23 @@ save_checkpoint({str(path)!r}, model, step=2)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != CHECKPOINT_NAME]
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the half-done temp file, never renamed
     assert load_checkpoint(path, model)["step"] == 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_autocast_dtypes_train(dtype):
+    model = small_model()
+    train_loader, val_loader = loaders()
+    result = train(model, train_loader, val_loader, max_steps=12, lr=1e-2, eval_every=100, dtype=dtype, **QUIET)
+    assert all(math.isfinite(x) for x in result.train_losses)
+    assert result.train_losses[-1] < result.train_losses[0]
+    assert next(model.parameters()).dtype == torch.float32  # autocast: weights stay float32
+
+
+def test_diverged_loss_stops_with_a_clear_error(tmp_path):
+    model = small_model()
+    with torch.no_grad():
+        model.final_norm.weight[0] = float("nan")
+    train_loader, val_loader = loaders()
+    with pytest.raises(GptlabError, match="diverged.*lower --lr"):
+        train(model, train_loader, val_loader, max_steps=3, eval_at_start=False, out_dir=tmp_path, **QUIET)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()  # a NaN model is never saved
