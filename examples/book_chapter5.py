@@ -83,7 +83,7 @@ def main() -> None:
     result = train(
         model, train_loader, val_loader, optimizer=optimizer, device=device, epochs=args.epochs, lr=0.0004,
         lr_schedule="constant", warmup_steps=0, grad_clip=0, eval_every=5, eval_iters=5, eval_at_start=False,
-        sample_prompt=START_CONTEXT, sample_tokens=50, dtype="float32", quiet=True,
+        sample_prompt=START_CONTEXT, sample_tokens=50, sample_temperature=0.0, dtype="float32", quiet=True,
     )
     minutes = (time.perf_counter() - start) / 60
     print(f"training took {minutes:.1f} min; final train loss {result.train_losses[-1]:.3f}, "

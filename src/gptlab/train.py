@@ -3,7 +3,7 @@
 With `lr_schedule="constant"`, `warmup_steps=0`, `grad_clip=0`, `grad_accum=1` and
 `eval_at_start=False` the loop does exactly what the book's loop does: zero the gradients, compute
 the batch loss, backpropagate, step, count tokens, evaluate every `eval_every` steps (after steps
-1, 1 + eval_every, ...), print a greedy sample after each epoch.
+1, 1 + eval_every, ...), print a greedy sample after each epoch (with `sample_temperature=0`).
 
 The pieces are small functions (`build_optimizer`, `lr_at`, `train_step`, `evaluate_model`,
 `save_training_state`) so that distributed training (wrapping the model, sharding the data,
@@ -161,14 +161,28 @@ def evaluate_model(
     return train_loss, val_loss
 
 
-def sample_text(model: torch.nn.Module, prompt: str, device: torch.device, max_new_tokens: int = 50) -> str:
-    """A greedy continuation of `prompt`, on one line (the book's generate_and_print_sample)."""
+def sample_text(
+    model: torch.nn.Module,
+    prompt: str,
+    device: torch.device,
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
+    """A continuation of `prompt` on one line (the book's generate_and_print_sample when greedy).
+
+    Sampling draws from its own generator seeded with `seed`, never from the global RNG, so printing
+    samples does not change the training run (and a resumed run stays bit-exact).
+    """
     from .generate import generate
     from .tokenizer import text_to_token_ids, token_ids_to_text
 
     inner = model_of(model)
     ids = text_to_token_ids(prompt).to(device)
-    out = generate(inner, ids, max_new_tokens=max_new_tokens, context_size=inner.config.context_length)
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    out = generate(inner, ids, max_new_tokens=max_new_tokens, context_size=inner.config.context_length,
+                   temperature=temperature, top_k=top_k, generator=generator)
     return token_ids_to_text(out).replace("\n", " ")
 
 
@@ -376,7 +390,9 @@ def train(
 
     def sample() -> None:
         if cfg.sample_prompt:
-            report.log(sample_text(model, cfg.sample_prompt, device, cfg.sample_tokens))
+            text = sample_text(model, cfg.sample_prompt, device, cfg.sample_tokens, cfg.sample_temperature,
+                               cfg.sample_top_k, seed=cfg.seed + state.step)
+            report.log(f"sample: {text}" if cfg.sample_temperature else text)
 
     try:
         with StopRequest(report.log) as stop:

@@ -47,6 +47,8 @@ class TrainConfig:
     eval_at_start: bool = True
     sample_prompt: str | None = "A function"
     sample_tokens: int = 50
+    sample_temperature: float = 0.8  # 0: greedy, as the book's samples during training
+    sample_top_k: int | None = 40
     save_every: int = 0  # 0: save only at the end (and on Ctrl-C)
     seed: int = 123
     device: str = "auto"
@@ -75,6 +77,8 @@ class TrainConfig:
             (self.save_every >= 0, "save_every must be 0 (only at the end) or more"),
             (self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)}"),
             (self.num_workers >= 0, "num_workers must be 0 or more"),
+            (self.sample_temperature >= 0, "sample_temperature must be 0 (greedy) or more"),
+            (self.sample_top_k is None or self.sample_top_k >= 1, "sample_top_k must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
