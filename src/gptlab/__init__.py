@@ -2,10 +2,12 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_model, save_model
+from .checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 from .config import PRESETS, GPTConfig, get_preset
+from .data import GPTDataset, create_dataloader, load_documents, tokenize_documents
 from .device import resolve_device
 from .errors import GptlabError, UsageError
+from .evaluate import calc_loss_batch, calc_loss_loader, perplexity, score_tokens
 from .model import GPTModel, KVCache
 from .prepare import prepare_dataset
 from .pretrained import download_model, load_pretrained, save_hf
@@ -19,6 +21,7 @@ from .tokenfile import (
     load_prepared,
 )
 from .tokenizer import decode, encode, get_tokenizer, text_to_token_ids, token_ids_to_text
+from .train import TrainConfig, TrainResult, train
 
 __all__ = [
     "GPTConfig",
@@ -49,4 +52,17 @@ __all__ = [
     "compile_model",
     "flops_per_token",
     "unwrap_model",
+    "GPTDataset",
+    "TrainConfig",
+    "TrainResult",
+    "calc_loss_batch",
+    "calc_loss_loader",
+    "create_dataloader",
+    "load_checkpoint",
+    "load_documents",
+    "perplexity",
+    "save_checkpoint",
+    "score_tokens",
+    "tokenize_documents",
+    "train",
 ]

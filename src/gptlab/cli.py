@@ -18,6 +18,8 @@ COMMANDS = {
     "download": "download",
     "convert": "convert",
     "prepare": "prepare",
+    "train": "train",
+    "eval": "eval",
 }
 
 
