@@ -8,9 +8,11 @@ from .data import GPTDataset, create_dataloader, load_documents, tokenize_docume
 from .device import resolve_device
 from .errors import GptlabError, UsageError
 from .evaluate import calc_loss_batch, calc_loss_loader, perplexity, score_tokens
+from .generate import StreamChunk, TokenTextDecoder, generate, pad_prompts, stream_generate
 from .model import GPTModel, KVCache
 from .prepare import prepare_dataset
 from .pretrained import download_model, load_pretrained, save_hf
+from .sampling import explain_sampling, next_token_probs, sample_next
 from .speed import compile_model, flops_per_token, unwrap_model
 from .tokenfile import (
     TokenFileDataset,
@@ -65,4 +67,12 @@ __all__ = [
     "score_tokens",
     "tokenize_documents",
     "train",
+    "generate",
+    "stream_generate",
+    "StreamChunk",
+    "TokenTextDecoder",
+    "pad_prompts",
+    "sample_next",
+    "next_token_probs",
+    "explain_sampling",
 ]

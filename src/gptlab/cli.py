@@ -20,6 +20,8 @@ COMMANDS = {
     "prepare": "prepare",
     "train": "train",
     "eval": "eval",
+    "generate": "generate",
+    "sampling-plot": "sampling_plot",
 }
 
 
