@@ -148,7 +148,7 @@ def run_prepare(spec: dict, contestant) -> dict:
         tokens.append(prepare_bench.run(state))
 
     times = timed(step, spec["warmup"], spec["repeats"])
-    return dict(times=times, values=[n / t for n, t in zip(tokens[-len(times):], times)], unit="tok/s")
+    return dict(times=times, values=[n / t for n, t in zip(tokens[-len(times):], times, strict=True)], unit="tok/s")
 
 
 def run_limits(spec: dict) -> dict:

@@ -48,18 +48,16 @@ QUICK = {
 
 
 def repeats_for(kind: str, job_id: str, quick: bool, smoke: bool) -> tuple[int, int]:
-    """(warm-up, timed repeats) per job."""
+    """(warm-up, timed repeats) per job; generation's warm-up is a short 8-token run."""
     if smoke:
         return 0, 1
     if kind == "generate":
         if job_id == "gen_b1_nocache":
             return 1, 1 if quick else 3
         return 1, 2 if quick else 5
-    if kind == "train":
-        return (1, 3) if quick else (2, 8)
-    if kind == "eval":
-        return (1, 3) if quick else (1, 8)
-    return (1, 3) if quick else (1, 5)
+    if kind in ("train", "eval"):
+        return (1, 2) if quick else (2, 8)
+    return (1, 2) if quick else (1, 5)
 
 
 def build_specs(job_ids: list[str], contestants: list[str], quick: bool, smoke: bool = False) -> list[dict]:

@@ -134,11 +134,11 @@ def chart(rows: list[dict], path: Path) -> None:
     colors = {"gptlab": "#2a7", "transformers": "#e93", "llms-from-scratch": "#57c"}
     for ax in axes.flat[len(shown):]:
         ax.axis("off")
-    for ax, row in zip(axes.flat, shown):
+    for ax, row in zip(axes.flat, shown, strict=False):
         names = [n for n in CONTESTANT_NAMES if "median" in row["cells"].get(n, {})]
         med = [row["cells"][n]["median"] for n in names]
-        err = [[m - row["cells"][n]["min"] for n, m in zip(names, med)],
-               [row["cells"][n]["max"] - m for n, m in zip(names, med)]]
+        err = [[m - row["cells"][n]["min"] for n, m in zip(names, med, strict=True)],
+               [row["cells"][n]["max"] - m for n, m in zip(names, med, strict=True)]]
         ax.bar(range(len(names)), med, yerr=err, color=[colors[n] for n in names], capsize=3)
         ax.set_xticks(range(len(names)), [n.replace("llms-from-scratch", "llms-f-s") for n in names], fontsize=8)
         if row["limit"]:
