@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-limits", action="store_true", help="skip measuring the machine's limits")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a job process is killed")
     p.add_argument("--smoke", action="store_true", help="tiny model, 1 repeat: checks the harness itself")
+    p.add_argument("--tiny", action="store_true",
+                   help="every selected job at a tiny model size, 1 repeat: checks each contestant's code path")
     p.add_argument("--note", default="", help="a note for the table's header (e.g. 'shared, loaded machine')")
     args = p.parse_args(argv)
     args.jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
@@ -108,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     limits: dict = {}
     if not args.no_limits:
         log("measuring machine limits ...")
-        res = run_child(dict(kind="limits", threads=args.threads, smoke=args.smoke), env, args.timeout)
+        res = run_child(dict(kind="limits", threads=args.threads, smoke=args.smoke or args.tiny), env, args.timeout)
         limits = res.get("limits", {})
         if res.get("status") != "ok":
             log(f"  limits failed: {res.get('reason')}")
-    specs = build_specs(args.jobs, args.contestants, args.quick, args.smoke)
+    specs = build_specs(args.jobs, args.contestants, args.quick, args.smoke, args.tiny)
     results = []
     for i, spec in enumerate(specs, 1):
         spec.update(threads=args.threads, data_dir=str(data_dir), quick=args.quick)
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{res['wall_s']:.0f} s")
         else:
             log(f"{label}: {res['status']}: {res.get('reason')}")
+        write_outputs(out, results, limits, args, time.time() - started)  # partial results survive a kill
     write_outputs(out, results, limits, args, time.time() - started)
     log(f"done in {time.time() - started:.0f} s: {out / 'results.md'}")
     return 0

@@ -82,8 +82,6 @@ def run_train(spec: dict, contestant) -> dict:
 
 
 def run_eval(spec: dict, contestant) -> dict:
-    from .contestants import cross_entropy
-
     shape = job_shape(spec)
     model = contestant.build(shape, DTYPES[spec["dtype"]], False)
     model.eval()
@@ -94,7 +92,7 @@ def run_eval(spec: dict, contestant) -> dict:
 
     def step():
         with ctx():
-            return cross_entropy(contestant.logits(model, x).float(), y).item()
+            return contestant.eval_loss(model, x, y).item()
 
     times = timed(step, spec["warmup"], spec["repeats"])
     return dict(times=times, values=[x.numel() / t for t in times], unit="tok/s")

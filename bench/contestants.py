@@ -100,6 +100,10 @@ class Gptlab:
         return gptlab_optimizer(model)
 
     @staticmethod
+    def eval_loss(model, x, y):
+        return gptlab_loss(model, x, y)
+
+    @staticmethod
     def train_step(model, opt, x, y, autocast: bool) -> None:
         gptlab_train_step(model, opt, x, y, autocast)
 
@@ -130,9 +134,16 @@ def gptlab_optimizer(model) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=4e-4, betas=(0.9, 0.95), foreach=True)
 
 
+def gptlab_loss(model, x, y):
+    """gptlab's training/eval loss: the chunked LM-head cross-entropy when the model has it."""
+    if hasattr(model, "loss"):
+        return model.loss(x, y)
+    return cross_entropy(model(x), y)
+
+
 def gptlab_train_step(model, opt, x, y, autocast: bool) -> None:
     with autocast_ctx(autocast):
-        loss = cross_entropy(model(x), y)
+        loss = gptlab_loss(model, x, y)
     loss.backward()
     opt.step()
     # Keep the gradient buffers between steps: zeroing them in place avoids freeing ~0.5 GB and
@@ -168,6 +179,10 @@ class Transformers:
         return model(idx).logits
 
     optimizer = staticmethod(plain_adamw)
+
+    @staticmethod
+    def eval_loss(model, x, y):
+        return cross_entropy(model(x).logits.float(), y)
 
     @staticmethod
     def train_step(model, opt, x, y, autocast: bool) -> None:
@@ -268,6 +283,10 @@ class Book:
         return model(idx)
 
     optimizer = staticmethod(plain_adamw)
+
+    @staticmethod
+    def eval_loss(model, x, y):
+        return cross_entropy(model(x).float(), y)
 
     @staticmethod
     def train_step(model, opt, x, y, autocast: bool) -> None:

@@ -60,14 +60,24 @@ def repeats_for(kind: str, job_id: str, quick: bool, smoke: bool) -> tuple[int, 
     return (1, 2) if quick else (1, 5)
 
 
-def build_specs(job_ids: list[str], contestants: list[str], quick: bool, smoke: bool = False) -> list[dict]:
-    """One spec per (job, contestant, dtype), in a stable order."""
+TINY_SIZES = dict(prompt=4, new_tokens=8, seq=32)
+
+
+def build_specs(job_ids: list[str], contestants: list[str], quick: bool, smoke: bool = False,
+                tiny: bool = False) -> list[dict]:
+    """One spec per (job, contestant, dtype), in a stable order.
+
+    smoke: 1 repeat, no warm-up; tiny: additionally every model at the 'tiny' shape (checks code paths).
+    """
     specs = []
     for job_id in job_ids:
         title, kind, shape, dtypes, sizes = JOBS[job_id]
-        if quick and not smoke:
+        if quick and not (smoke or tiny):
             dtypes = QUICK.get(job_id, ())
-        warmup, repeats = repeats_for(kind, job_id, quick, smoke)
+        warmup, repeats = repeats_for(kind, job_id, quick, smoke or tiny)
+        if tiny:
+            shape = "tiny"
+            sizes = {**sizes, **{k: v for k, v in TINY_SIZES.items() if k in sizes}}
         names = ("gptlab",) if job_id in GPTLAB_ONLY else CONTESTANT_NAMES
         for dtype in dtypes:
             for name in names:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# 128 rows x 50257 float32 = 26 MB: below glibc's largest mmap threshold (32 MB), so the chunk's memory
-# is reused from the heap instead of being mapped and faulted in again for every chunk.
-CHUNK_ROWS = 128
+# 256 rows x 50257 float32 = 51 MB per chunk. A/B on gpt2-small training (bench/ab.py, shared CPU):
+# page faults per step 334k (full logits) -> 233k (256 rows); 128 rows faulted less but spent more
+# user time on the many small rank-k updates of the head's gradient, 512 rows gained nothing more.
+CHUNK_ROWS = 256
 
 
 def _compute_dtype(weight: Tensor) -> torch.dtype:
