@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from .contestants import SHAPES, Gptlab, Shape, cross_entropy  # noqa: E402
+from .contestants import SHAPES, Gptlab, Shape  # noqa: E402
 
 
 def make_step(job: str, shape: Shape, dtype: str, batch: int, seq: int):
@@ -35,7 +35,7 @@ def make_step(job: str, shape: Shape, dtype: str, batch: int, seq: int):
 
     def step():
         with torch.inference_mode():
-            return cross_entropy(model(x).float(), y).item()
+            return Gptlab.eval_loss(model, x, y).item()
 
     return step
 
