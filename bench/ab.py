@@ -51,7 +51,7 @@ def variants(job: str, model, x, y, autocast: bool) -> dict:
             opt.zero_grad(set_to_none=set_to_none)
         return step
     return {"plain, zero_grad(None)": tr(plain_loss, True), "plain, zero_grad(fill 0)": tr(plain_loss, False),
-            "model.loss, zero_grad(fill 0)": tr(lean_loss, False)}
+            "model.loss, zero_grad(None)": tr(lean_loss, True)}
 
 
 def main(argv: list[str] | None = None) -> int:

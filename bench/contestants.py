@@ -146,9 +146,10 @@ def gptlab_train_step(model, opt, x, y, autocast: bool) -> None:
         loss = gptlab_loss(model, x, y)
     loss.backward()
     opt.step()
-    # Keep the gradient buffers between steps: zeroing them in place avoids freeing ~0.5 GB and
-    # faulting fresh pages back in on the next backward (measurable kernel time on this VM).
-    opt.zero_grad(set_to_none=False)
+    # set_to_none (the default) frees the gradients before the next forward, whose activations then
+    # reuse that memory: measured peak RSS 3.85 GB vs 4.51 GB when zeroing in place (gpt2-small,
+    # 4x256, plain loss), with no fewer page faults for keeping them.
+    opt.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------------- transformers
