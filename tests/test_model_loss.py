@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab import GPTModel
+from gptlab import GPTModel, UsageError
 from gptlab.loss import chunked_cross_entropy
 
 from .conftest import tiny_config
@@ -70,8 +70,10 @@ def test_bf16_autocast_is_as_accurate_as_the_plain_autocast_path():
     assert err(bf16_lean[1]) < 1.5 * err(bf16_plain[1]) + 1e-3
 
 
-def test_loss_rejects_too_long_input():
+def test_loss_rejects_bad_shapes():
     model = GPTModel(tiny_config())
     idx = torch.zeros(1, 33, dtype=torch.long)
-    with pytest.raises(Exception, match="longer than the model's context"):
+    with pytest.raises(UsageError, match="longer than the model's context"):
         model.loss(idx, idx)
+    with pytest.raises(UsageError, match="must both have shape"):
+        model.loss(idx[:, :5], idx[:, :4])

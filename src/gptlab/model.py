@@ -222,7 +222,11 @@ class GPTModel(nn.Module):
         float rounding, but the LM head runs in row chunks (gptlab.loss), so the (B, T, V) logits,
         their log-softmax and their gradient are never allocated: less memory, less memory traffic.
         """
-        B, T = idx.shape
+        if idx.dim() != 2 or targets.shape != idx.shape:
+            raise UsageError(
+                f"idx and targets must both have shape (batch, tokens), got {tuple(idx.shape)} and {tuple(targets.shape)}"
+            )
+        T = idx.shape[1]
         if T > self.config.context_length:
             raise UsageError(f"input of {T} tokens is longer than the model's context of {self.config.context_length}")
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))
