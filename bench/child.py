@@ -6,7 +6,6 @@ Each job gets a fresh process, so ru_maxrss is that job's own peak resident memo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import resource
@@ -127,34 +126,36 @@ def run_load(spec: dict, contestant) -> dict:
 
 
 def run_load_tf(spec: dict, contestant) -> dict:
-    if importlib.util.find_spec("gptlab.pretrained.tf_checkpoint") is None:
-        return dict(status="skipped", reason="not available: gptlab.pretrained.tf_checkpoint is absent on this branch")
-    from gptlab.pretrained import tf_checkpoint as tfc
+    # Writing an OpenAI-format checkpoint needs TensorFlow, which gptlab never depends on; point
+    # GPTLAB_BENCH_TF_FOLDER at one (OpenAI's 124M download, or tests/fixtures/make_tf_checkpoint.py
+    # DIR --124M run under TensorFlow) to time gptlab's TensorFlow-free reader on real shapes.
+    folder = os.environ.get("GPTLAB_BENCH_TF_FOLDER")
+    if not folder:
+        return dict(status="skipped", reason="not available: set GPTLAB_BENCH_TF_FOLDER to a 124M OpenAI checkpoint")
+    from gptlab.pretrained import load_pretrained
 
-    needed = ("write_tf_checkpoint", "load_tf_checkpoint")
-    if not all(hasattr(tfc, n) for n in needed):
-        return dict(status="skipped", reason=f"not available: tf_checkpoint lacks {', '.join(needed)}")
-    folder = Path(spec["data_dir"]) / "openai-tf-124M"
-    if not folder.exists():
-        tfc.write_tf_checkpoint(contestant.build(job_shape(spec), torch.float32, False), folder)
-    times = timed(lambda: tfc.load_tf_checkpoint(folder), spec["warmup"], spec["repeats"])
+    times = timed(lambda: load_pretrained(folder), spec["warmup"], spec["repeats"])
     return dict(times=times, values=times, unit="s")
 
 
 def run_prepare(spec: dict, contestant) -> dict:
-    hook = Path(__file__).with_name("prepare_bench.py")
-    if not hook.exists():
-        return dict(status="skipped", reason="not available: bench/prepare_bench.py is absent on this branch")
-    from . import prepare_bench  # contract: setup(workdir, quick) -> state; run(state) -> tokens processed
+    """MB/s of `gptlab prepare` (2 workers) on a corpus generated from the stdlib's pydoc topics."""
+    from gptlab.prepare import prepare_dataset
 
-    state = prepare_bench.setup(Path(spec["data_dir"]), spec.get("quick", True))
-    tokens = []
+    from .prepare_bench import make_corpus
+
+    corpus = Path(spec["data_dir"]) / "prepare-corpus"
+    if not corpus.exists():
+        corpus.mkdir(parents=True)
+        make_corpus(corpus, 8.0 if spec.get("quick", True) else 32.0, 4)
+    n_bytes = sum(f.stat().st_size for f in corpus.glob("*.txt"))
+    out = Path(spec["data_dir"]) / "prepare-out"
 
     def step():
-        tokens.append(prepare_bench.run(state))
+        prepare_dataset([corpus], out, workers=min(2, os.cpu_count() or 1), force=True, progress=False)
 
     times = timed(step, spec["warmup"], spec["repeats"])
-    return dict(times=times, values=[n / t for n, t in zip(tokens[-len(times):], times, strict=True)], unit="tok/s")
+    return dict(times=times, values=[n_bytes / 1e6 / t for t in times], unit="MB/s")
 
 
 def run_limits(spec: dict) -> dict:
