@@ -97,3 +97,158 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     model.tie_weights()  # to_empty() gives each module its own fresh tensor, which unties the head
     load_state_into(model, read_safetensors(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
     return model.to(device)
+
+
+# --- Training state ------------------------------------------------------------------------------
+# One file, `checkpoint.pt`, holds everything needed to continue a run exactly: weights, optimizer
+# moments, loss-scaler, counters, the data position and every RNG. It is written atomically (temp
+# file, fsync, rename), so a crash while saving leaves the previous checkpoint intact, and read with
+# torch.load(weights_only=True), so it can hold only tensors and plain containers.
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "gptlab-training-state"
+CHECKPOINT_VERSION = 1
+
+
+def capture_rng_state() -> dict:
+    """Every RNG a training step may draw from: Python, numpy, torch CPU and each accelerator."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        state["mps"] = mps.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back RNG states saved by `capture_rng_state` (accelerators only where present)."""
+    import random
+
+    import numpy as np
+
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: GPTModel,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int = 0,
+    epoch: int = 0,
+    batches_done: int = 0,
+    tokens_seen: int = 0,
+    loader_state: dict | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    extra: dict | None = None,
+) -> None:
+    """Write the full training state to `path` atomically, RNG states included.
+
+    `batches_done` counts the micro-batches of `epoch` already used; `loader_state` holds the data
+    loader's generator states (see gptlab.train); `extra` is any further plain data (settings,
+    loss history) kept with the checkpoint.
+    """
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model_config": model_of(model).config.to_dict(),
+        "model": model_state_for_saving(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "step": int(step),
+        "epoch": int(epoch),
+        "batches_done": int(batches_done),
+        "tokens_seen": int(tokens_seen),
+        "loader": loader_state or {},
+        "rng": capture_rng_state(),
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def model_of(model: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside torch.compile / DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The raw training state in `path`, validated; corrupt, truncated or foreign files are clear errors."""
+    import zipfile
+
+    from .safety import safe_torch_load
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}; start a new run instead of resuming")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged
+        raise GptlabError(f"checkpoint {path} is corrupt or truncated (not a PyTorch archive); "
+                          "start again with --force or restore a backup")
+    try:
+        state = safe_torch_load(path)
+    except GptlabError as exc:
+        raise GptlabError(f"checkpoint {path} is corrupt or truncated ({exc}); start again with --force") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise GptlabError(f"{path} is not a gptlab training checkpoint; point --out at a gptlab run folder")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise GptlabError(f"{path} has checkpoint version {state.get('version')}; this gptlab reads "
+                          f"version {CHECKPOINT_VERSION}")
+    return state
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: GPTModel | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    restore_rng: bool = False,
+) -> dict:
+    """Read a checkpoint written by `save_checkpoint`, load it into `model` / `optimizer` if given.
+
+    The model's config must equal the checkpoint's (a clear error otherwise). With `restore_rng`
+    the RNG states are put back too. Returns the whole state dict (step, epoch, loader, extra, ...).
+    """
+    state = read_checkpoint(path)
+    if model is not None:
+        inner = model_of(model)
+        saved = GPTConfig.from_dict(state["model_config"])
+        if saved != inner.config:
+            diff = [f"{k} {v} vs {getattr(inner.config, k)}" for k, v in saved.to_dict().items()
+                    if getattr(inner.config, k) != v]
+            raise UsageError(f"checkpoint {path} was made for another model ({', '.join(diff)} requested); "
+                             "leave out --model/--context-length/--drop-rate or use a new --out")
+        load_state_into(inner, state["model"], str(path))
+    if optimizer is not None:
+        if state["optimizer"] is None:
+            raise GptlabError(f"checkpoint {path} holds no optimizer state; it cannot be resumed")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise GptlabError(f"checkpoint {path}: the optimizer state does not fit this model ({exc})") from None
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    if restore_rng:
+        restore_rng_state(state["rng"])
+    return state

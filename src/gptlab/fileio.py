@@ -78,3 +78,50 @@ def write_json(target: str | os.PathLike, obj: Any) -> None:
     with atomic_open(target, "w") as fh:
         json.dump(obj, fh, indent=2)
         fh.write("\n")
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so two processes never write the same run at once.
+
+    Uses flock on `<folder>/.lock`; the OS drops the lock when the process dies, so a crashed run
+    never leaves a stale lock behind.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / ".lock"
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; running two trainings on one folder is then on the user
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise GptlabError(
+                f"{self.path.parent} is in use by a running gptlab process (pid {holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,132 @@
+"""Loss and perplexity: per batch, over a loader, and over a long text with sliding windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import UsageError
+
+
+def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: torch.nn.Module, device) -> Tensor:
+    """Mean next-token cross-entropy of one batch (a scalar tensor that can be backpropagated)."""
+    input_batch = input_batch.to(device, non_blocking=True)
+    target_batch = target_batch.to(device, non_blocking=True)
+    logits = model(input_batch)
+    # float32 for the softmax even under autocast: low-precision log-sum-exp over 50k logits is lossy.
+    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+
+
+def calc_loss_loader(
+    data_loader: Iterable, model: torch.nn.Module, device, num_batches: int | None = None
+) -> float:
+    """Mean of the per-batch losses over the first `num_batches` batches (all when None).
+
+    An empty loader gives NaN (as in the book) rather than an error, so a training log can still
+    print a line when, say, a validation set is empty; `math.isnan` tells the caller. The model's
+    train/eval mode is left as it is (call `model.eval()` first to disable dropout).
+    """
+    n_available = len(data_loader)  # type: ignore[arg-type]
+    if n_available == 0:
+        return float("nan")
+    num_batches = n_available if num_batches is None else min(num_batches, n_available)
+    total = 0.0
+    with torch.no_grad():
+        for i, (input_batch, target_batch) in enumerate(data_loader):
+            if i >= num_batches:
+                break
+            total += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total / num_batches
+
+
+def perplexity(loss: float | Tensor) -> float:
+    """exp(loss): the effective number of equally likely next tokens (inf when it overflows)."""
+    value = float(loss)
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return float("inf")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens}
+
+
+def sliding_windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int]]:
+    """(start, n_new) windows that score tokens 1..n_tokens-1 exactly once.
+
+    Each window feeds ids[start:start+L] and predicts ids[start+1:start+L+1] (L = min(context,
+    n_tokens - 1)); only its last `n_new` predictions are scored. The first window scores all of its
+    L targets; each later one moves the end on by `stride` tokens, so every newly scored token sees at
+    least L - stride tokens of context. All windows have the same length, so they batch together.
+    """
+    if n_tokens < 2:
+        raise UsageError(f"need at least 2 tokens to score a text, got {n_tokens}; give a longer text")
+    if context_length < 1 or stride < 1:
+        raise UsageError(f"context length and stride must be positive, got {context_length} and {stride}")
+    length = min(context_length, n_tokens - 1)
+    stride = min(stride, length)
+    windows = [(0, length)]
+    end = length  # targets 1..end are scored
+    while end < n_tokens - 1:
+        new_end = min(end + stride, n_tokens - 1)
+        windows.append((new_end - length, new_end - end))
+        end = new_end
+    return windows
+
+
+@torch.no_grad()
+def score_tokens(
+    model: torch.nn.Module,
+    token_ids: Tensor,
+    device=None,
+    context_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> EvalResult:
+    """Loss and perplexity of a token stream, every token after the first scored exactly once.
+
+    A stream that fits in one window gives the mean cross-entropy over all its positions (the same
+    number as Hugging Face's `labels=input_ids` loss); a longer one uses `sliding_windows`. The
+    default stride is half the context: each token then sees at least half a window of context.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    max_context = model.config.context_length  # type: ignore[attr-defined]
+    context_length = context_length or max_context
+    if context_length > max_context:
+        raise UsageError(
+            f"--context-length {context_length} is above the model's maximum of {max_context}; lower it"
+        )
+    stride = stride or max(1, context_length // 2)
+    if device is None:
+        device = next(model.parameters()).device
+    windows = sliding_windows(len(ids), context_length, stride)
+    length = min(context_length, len(ids) - 1)
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    scored = 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        inputs = torch.stack([ids[s : s + length] for s, _ in chunk]).to(device)
+        targets = torch.stack([ids[s + 1 : s + length + 1] for s, _ in chunk]).to(device)
+        nll = F.cross_entropy(model(inputs).float().transpose(1, 2), targets, reduction="none")  # (B, L)
+        for row, (_, n_new) in enumerate(chunk):
+            total_nll += nll[row, length - n_new :].double().sum().item()
+            scored += n_new
+    model.train(was_training)
+    loss = total_nll / scored
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=scored)

@@ -1,0 +1,179 @@
+"""A training run on disk: settings, data, model, output folder and resume, around `gptlab.train.train`.
+
+A run folder is also a model folder (config.json + model.safetensors), so `gptlab eval` and
+`gptlab generate` take it as `--model`. Everything is validated before the folder is touched, so a
+bad option never leaves a half-made run behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
+from .config import GPTConfig
+from .data import DataSplit, load_documents, make_loaders, tokenize_documents
+from .device import resolve_device
+from .errors import GptlabError, UsageError
+from .fileio import RunLock, write_json
+from .model import GPTModel
+from .train import METRICS_NAME, PLOT_NAME, TrainConfig, TrainResult, make_precision, planned_steps, train
+
+TRAIN_CONFIG_NAME = "train_config.json"
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, TRAIN_CONFIG_NAME, METRICS_NAME, PLOT_NAME)
+# Settings that fix the data order and the model: a resumed run must keep them.
+FIXED_ON_RESUME = ("data", "val_fraction", "batch_size", "context_length", "stride", "init", "grad_accum", "seed")
+
+
+def default_out_dir(root: str | os.PathLike = "runs") -> Path:
+    """runs/<date>-<time>, with a suffix if that folder already exists."""
+    base = Path(root) / time.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def check_out_dir(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to resume where there is no checkpoint, or to start a run over another one."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    if resume:
+        if not (out / CHECKPOINT_NAME).is_file():
+            raise UsageError(f"nothing to resume in {out}: it has no {CHECKPOINT_NAME}; start a new run without --resume")
+        return
+    if out.is_dir() and not force:
+        entries = [p.name for p in out.iterdir() if p.name != ".lock"]
+        if entries:
+            what = "another run" if {TRAIN_CONFIG_NAME, CHECKPOINT_NAME} & set(entries) else "other files"
+            raise UsageError(
+                f"--out {out} already holds {what}; continue it with --resume, overwrite it with --force, "
+                "or choose another --out"
+            )
+
+
+def load_saved_settings(out: Path) -> TrainConfig:
+    path = out / TRAIN_CONFIG_NAME
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing, so the run cannot be resumed; start a new run") from None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise GptlabError(f"{path} is damaged ({exc}); start a new run with --force") from None
+
+
+def resume_settings(out: Path, explicit: dict) -> TrainConfig:
+    """The run's saved settings with the options given now laid over them."""
+    saved = load_saved_settings(out)
+    for name in FIXED_ON_RESUME:
+        if name in explicit and explicit[name] != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag} cannot change when resuming (the run used {getattr(saved, name)!r}); "
+                "leave it out, or start a new run in another --out"
+            )
+    return dataclasses.replace(saved, **explicit)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig) -> GPTModel:
+    """Random weights for a preset/config.json (`--model`), or the weights of `--init`."""
+    from .commands.models import resolve_config
+    from .pretrained import load_pretrained
+
+    if cfg.init:
+        base = load_pretrained(cfg.init).train()
+        config = base.config.replace(drop_rate=cfg.drop_rate)
+        if config == base.config:
+            return base
+        model = GPTModel(config)
+        model.load_state_dict(base.state_dict())
+        return model
+    config = resolve_config(cfg.model)
+    context = cfg.context_length or config.context_length
+    check_context(context, config.context_length)
+    # A fresh model gets exactly the training context: positions it never trains on would be noise.
+    return GPTModel(config.replace(context_length=context, drop_rate=cfg.drop_rate))
+
+
+def check_context(context: int, maximum: int) -> None:
+    if context > maximum:
+        raise UsageError(f"--context-length {context} is above the model's maximum of {maximum}; lower it "
+                         "(or use a config.json with a larger context_length)")
+
+
+def prepare_data(cfg: TrainConfig, model_config: GPTConfig) -> DataSplit:
+    context = cfg.context_length or model_config.context_length
+    check_context(context, model_config.context_length)
+    ids = tokenize_documents(load_documents(cfg.data))
+    if ids.numel() and int(ids.max()) >= model_config.vocab_size:
+        raise UsageError(f"the model's vocabulary ({model_config.vocab_size}) is smaller than the GPT-2 "
+                         "tokenizer's (50257); use vocab_size 50257")
+    return make_loaders(ids, batch_size=cfg.batch_size, max_length=context, stride=cfg.stride,
+                        val_fraction=cfg.val_fraction, seed=cfg.seed, num_workers=cfg.num_workers)
+
+
+def run_training(
+    cfg: TrainConfig,
+    out: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    log=print,
+) -> TrainResult:
+    """Train as `gptlab train` does: check, load data, build the model, train into `out`, resume."""
+    out = Path(out) if out is not None else default_out_dir()
+    check_out_dir(out, resume, force)
+    device = resolve_device(cfg.device)
+    make_precision(cfg.dtype, device)  # an unsupported --dtype fails now, not after loading data
+    checkpoint = read_checkpoint(out / CHECKPOINT_NAME) if resume else None
+    seed_everything(cfg.seed)
+    model = build_model(cfg)
+    if checkpoint is not None:
+        saved = GPTConfig.from_dict(checkpoint["model_config"])
+        if saved != model.config:
+            diff = [f"{k} {v} vs {getattr(model.config, k)}" for k, v in saved.to_dict().items()
+                    if getattr(model.config, k) != v]
+            raise UsageError(f"checkpoint in {out} was made for another model ({', '.join(diff)} requested); "
+                             "leave out --model/--context-length/--drop-rate or start a new run")
+    split = prepare_data(cfg, model.config)
+    if checkpoint is not None and checkpoint["extra"].get("data_fingerprint") not in (None, split.fingerprint):
+        raise UsageError(f"the training data changed since the run in {out} started; resume needs the same data")
+    steps_per_epoch = math.ceil(len(split.train_loader) / cfg.grad_accum)
+    if cfg.decay_steps is None:  # fix the cosine length now, so a later --max-steps does not reshape it
+        cfg = dataclasses.replace(cfg, decay_steps=planned_steps(cfg, steps_per_epoch))
+    log(f"data: {split.total_tokens:,} tokens ({split.train_tokens:,} train, {split.val_tokens:,} validation); "
+        f"{len(split.train_loader)} batches of {cfg.batch_size} x {split.train_loader.dataset.max_length} per epoch")
+    log(f"model: {model.num_parameters():,} parameters; device {device}; output {out}")
+    with RunLock(out):
+        if not resume:
+            remove_run_files(out, RUN_FILES)
+        model.config.save(out / CONFIG_NAME)
+        write_json(out / TRAIN_CONFIG_NAME, cfg.to_dict())
+        return train(model, split.train_loader, split.val_loader, cfg, device=device, out_dir=out, resume=resume,
+                     run_info={"data_fingerprint": split.fingerprint})
+
+
+def remove_run_files(out: Path, names: Iterable[str]) -> None:
+    """--force: clear a previous run's files (only gptlab's own, never anything else in the folder)."""
+    for name in names:
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
