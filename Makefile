@@ -27,4 +27,5 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
+	$(BIN)/pip install -q --no-deps llms-from-scratch==1.0.19
 	$(BIN)/python -m bench --quick

@@ -15,8 +15,13 @@ from .errors import GptlabError
 # Verb -> module in gptlab.commands. Each module has `register(subparsers)` and sets `func`.
 COMMANDS = {
     "info": "info",
+    "download": "download",
+    "convert": "convert",
+    "prepare": "prepare",
     "train": "train",
     "eval": "eval",
+    "generate": "generate",
+    "sampling-plot": "sampling_plot",
 }
 
 

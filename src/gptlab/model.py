@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .config import GPTConfig
 from .errors import UsageError
+from .loss import chunked_cross_entropy
 
 
 class KVCache:
@@ -213,6 +214,27 @@ class GPTModel(nn.Module):
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         return logits
+
+    def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+        """Mean next-token cross-entropy of `idx` (B, T) against `targets` (B, T), memory-lean.
+
+        Same value and gradients as F.cross_entropy(self(idx).flatten(0, 1), targets.flatten()) up to
+        float rounding, but the LM head runs in row chunks (gptlab.loss), so the (B, T, V) logits,
+        their log-softmax and their gradient are never allocated: less memory, less memory traffic.
+        """
+        if idx.dim() != 2 or targets.shape != idx.shape:
+            raise UsageError(
+                f"idx and targets must both have shape (batch, tokens), got {tuple(idx.shape)} and {tuple(targets.shape)}"
+            )
+        T = idx.shape[1]
+        if T > self.config.context_length:
+            raise UsageError(f"input of {T} tokens is longer than the model's context of {self.config.context_length}")
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))
+        for block in self.trf_blocks:
+            x = block(x, None)
+        x = self.final_norm(x)
+        return chunked_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten(),
+                                     self.config.vocab_size, ignore_index)
 
     @staticmethod
     def _attention_mask(

@@ -1,0 +1,1 @@
+"""gptlab benchmarks beside its peers (not part of the installed package)."""

@@ -1,0 +1,128 @@
+"""Decoding speed at batch 1: gptlab's generate (KV cache, no cache) against transformers' generate.
+
+    python bench/generate_speed.py [--dtype float32|bfloat16] [--new-tokens 128,512] [--repeats 3]
+
+gpt2-small with random weights (speed does not depend on their values), a 16-token prompt, greedy.
+Contestants run alternately inside each repeat, so a machine shared with other work slows them
+alike; medians and ratios are printed as one JSON object on stdout. `bound_tokens_per_s` is the
+machine's memory-bandwidth limit for reading every weight once per token (bandwidth measured in
+the same run), and `fraction_of_bound` how close the KV-cache path gets to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gptlab import GPTModel, generate, get_preset  # noqa: E402
+
+PROMPT_LEN = 16
+
+
+def read_bandwidth(n_bytes: int, repeats: int = 5) -> float:
+    """Bytes/s of reading a tensor of `n_bytes` (median over repeats), as decoding reads the weights."""
+    x = torch.ones(n_bytes // 4, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return n_bytes / statistics.median(times)
+
+
+def hf_model(model: GPTModel, dtype: torch.dtype):
+    """transformers' GPT2LMHeadModel with the same config (its own random weights)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.context_length, n_embd=c.emb_dim,
+                        n_layer=c.n_layers, n_head=c.n_heads)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def contestants(model: GPTModel, prompt: torch.Tensor, n_new: int, args) -> dict:
+    """name -> a function that generates `n_new` tokens after `prompt` and returns how many it made."""
+    runs = {
+        "gptlab_kv": lambda: generate(model, prompt, n_new).shape[1] - PROMPT_LEN,
+    }
+    if n_new <= args.no_cache_max:
+        runs["gptlab_no_cache"] = lambda: generate(model, prompt, n_new, use_cache=False).shape[1] - PROMPT_LEN
+    if not args.no_hf:
+        for name, dtype in (("hf_float32", torch.float32), ("hf_bfloat16", torch.bfloat16)):
+            if name in args.hf_models:
+                hf = args.hf_models[name]
+            else:
+                hf = args.hf_models[name] = hf_model(model, dtype)
+
+            def run_hf(hf=hf):
+                with torch.inference_mode():
+                    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                                      min_new_tokens=n_new, do_sample=False, use_cache=True, pad_token_id=0)
+                return out.shape[1] - PROMPT_LEN
+
+            runs[name] = run_hf
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="gptlab's weights")
+    parser.add_argument("--new-tokens", default="128,512", help="comma-separated lengths (default 128,512)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-cache-max", type=int, default=128, help="run the no-cache path up to this length")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    torch.manual_seed(0)
+    model = GPTModel(get_preset("gpt2-small", drop_rate=0.0)).to(dtype).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied head counted once
+    prompt = torch.randint(0, 50257, (1, PROMPT_LEN))
+    args.hf_models = {}
+    results: dict = {
+        "model": "gpt2-small (random weights)", "dtype": args.dtype, "batch": 1, "prompt_tokens": PROMPT_LEN,
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "weight_bytes": weight_bytes, "runs": {},
+    }
+    bandwidth = read_bandwidth(weight_bytes)
+    results["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
+    results["bound_tokens_per_s"] = round(bandwidth / weight_bytes, 1)
+    for fn in contestants(model, prompt, 4, args).values():  # warm-up (allocator, kernels); not timed
+        fn()
+    for n_new in [int(x) for x in args.new_tokens.split(",")]:
+        runs = contestants(model, prompt, n_new, args)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, fn in runs.items():  # alternate, so background load hits everyone alike
+                t = time.perf_counter()
+                made = fn()
+                times[name].append(made / (time.perf_counter() - t))
+        med = {name: statistics.median(v) for name, v in times.items()}
+        entry = {name: {"tokens_per_s_median": round(m, 2), "all": [round(x, 2) for x in times[name]]}
+                 for name, m in med.items()}
+        hf_best = max((m for name, m in med.items() if name.startswith("hf_")), default=None)
+        if hf_best:
+            entry["kv_vs_best_hf"] = round(med["gptlab_kv"] / hf_best, 3)
+        if "gptlab_no_cache" in med:
+            entry["kv_vs_no_cache"] = round(med["gptlab_kv"] / med["gptlab_no_cache"], 2)
+        entry["fraction_of_bound"] = round(med["gptlab_kv"] / results["bound_tokens_per_s"], 3)
+        results["runs"][str(n_new)] = entry
+        print(f"{n_new} new tokens: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in med.items()), file=sys.stderr)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The machine's limits, measured in the same run as the jobs: matmul throughput and read bandwidth."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def best_rate(fn, work: float, repeats: int) -> float:
+    """Best (highest) work/second over `repeats` calls after one warm-up: the peak, not the typical."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return work / best
+
+
+def matmul_gflops(dtype: torch.dtype, n: int, repeats: int) -> float:
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    return best_rate(lambda: torch.matmul(a, b, out=out), 2 * n**3, repeats) / 1e9
+
+
+def read_bandwidth_gbs(mbytes: int, repeats: int) -> float:
+    """GB/s of a full reduction over a float32 tensor much larger than the caches (pure streaming read)."""
+    x = torch.ones(mbytes * 2**20 // 4)
+    return best_rate(lambda: x.sum(), x.numel() * 4, repeats) / 1e9
+
+
+def gemv_bandwidth_gbs(mbytes: int, repeats: int) -> float:
+    """GB/s of matrix-vector products over a weight matrix (what batch-1 decoding does)."""
+    cols = 3072
+    w = torch.randn(mbytes * 2**20 // 4 // cols, cols)
+    v = torch.randn(cols)
+    return best_rate(lambda: torch.mv(w, v), w.numel() * 4, repeats) / 1e9
+
+
+def measure_limits(small: bool = False) -> dict:
+    n, mb, reps = (256, 64, 2) if small else (2048, 1024, 5)
+    return {
+        "matmul_gflops_float32": matmul_gflops(torch.float32, n, reps),
+        "matmul_gflops_bfloat16": matmul_gflops(torch.bfloat16, n, reps),
+        "read_gbs": read_bandwidth_gbs(mb, reps),
+        "gemv_gbs": gemv_bandwidth_gbs(mb // 2, reps),
+        "matmul_n": n,
+        "read_mbytes": mb,
+    }

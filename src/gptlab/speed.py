@@ -1,0 +1,94 @@
+"""Speed helpers: torch.compile, unwrapping models for saving, and model FLOPs utilisation (MFU)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .config import GPTConfig
+from .errors import GptlabError
+
+# Published dense (no sparsity) tensor-core peak TFLOPS per GPU and dtype, from NVIDIA's datasheets.
+# "float32" is the TF32 tensor-core figure: gptlab enables TF32 matmuls on CUDA.
+# Matched against torch.cuda.get_device_name() in this order (A100 before A10, L40S before L4).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
+    "H100 PCIe": {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0},
+    "H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},  # SXM (names like "H100 80GB HBM3")
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0},
+    "L40S": {"bfloat16": 362.05, "float16": 362.05, "float32": 183.0},
+    "L4": {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0},
+    "A10": {"bfloat16": 125.0, "float16": 125.0, "float32": 62.5},
+    "V100": {"float16": 125.0, "float32": 15.7},  # no bfloat16 tensor cores
+    "T4": {"float16": 65.0, "float32": 8.1},
+}
+_NOT_COVERED = re.compile(r"H100 NVL", re.IGNORECASE)  # different clocks: not in the table, give --peak-tflops
+
+
+def compile_model(model: nn.Module, **kwargs) -> nn.Module:
+    """torch.compile(model); the result keeps the original as `_orig_mod` (see unwrap_model)."""
+    try:
+        return torch.compile(model, **kwargs)
+    except RuntimeError as exc:  # e.g. an unsupported Python version
+        raise GptlabError(f"torch.compile is not available here ({exc}); run without --compile") from None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile (`_orig_mod`) and DistributedDataParallel (`module`) wrappers.
+
+    FSDP2's fully_shard changes the module in place (no wrapper), so it is returned as is; its
+    parameters are sharded, so save it with distributed.model_state_dict, not state_dict().
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 * N + 12 * L * C * T.
+
+    N counts the weights of every matmul: 12 * C^2 per layer (qkv 3C^2, out 1C^2, MLP 8C^2) plus the
+    LM head (padded V * C); embedding look-ups cost no FLOPs, biases and norms are negligible. Each
+    weight costs 2 FLOPs per token forward and 4 backward, hence 6N. Attention scores and their
+    weighted sum add 2 * 2 * T * C per layer forward (x3 with backward): 12 * L * C * T, counted
+    without the causal half-saving, as in the PaLM paper's MFU (appendix B) and nanoGPT.
+    """
+    T = config.context_length if seq_len is None else seq_len
+    C, L = config.emb_dim, config.n_layers
+    n_matmul = 12 * L * C * C + config.padded_vocab_size * C
+    return 6.0 * n_matmul + 12.0 * L * C * T
+
+
+def lookup_peak_tflops(device_name: str, dtype: str) -> float | None:
+    """Peak TFLOPS of a GPU named like torch.cuda.get_device_name() for dtype, or None if unknown."""
+    if _NOT_COVERED.search(device_name):
+        return None
+    for key, table in PEAK_TFLOPS.items():
+        if re.search(rf"\b{re.escape(key)}\b", device_name, re.IGNORECASE):
+            return table.get(dtype)
+    return None
+
+
+def peak_tflops(device: torch.device | str, dtype: str, override: float | None = None) -> float | None:
+    """Peak TFLOPS for MFU: `override` (--peak-tflops) if given, else looked up for a CUDA device, else None."""
+    if override is not None:
+        return float(override)
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return lookup_peak_tflops(torch.cuda.get_device_name(device), dtype)
+
+
+def mfu(tokens_per_second: float, flops_token: float, peak: float | None, num_devices: int = 1) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak of all devices (None if unknown)."""
+    if not peak:
+        return None
+    return tokens_per_second * flops_token / (peak * 1e12 * num_devices)
