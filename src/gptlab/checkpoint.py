@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .config import GPTConfig
 from .errors import GptlabError, UsageError
 from .fileio import atomic_path
@@ -185,6 +186,7 @@ def save_checkpoint(
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        faults.during_save(tmp)
 
 
 def model_of(model: torch.nn.Module) -> GPTModel:

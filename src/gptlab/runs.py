@@ -164,10 +164,18 @@ def run_training(
     with RunLock(out):
         if not resume:
             remove_run_files(out, RUN_FILES)
+        remove_stale_temp_files(out)
         model.config.save(out / CONFIG_NAME)
         write_json(out / TRAIN_CONFIG_NAME, cfg.to_dict())
         return train(model, split.train_loader, split.val_loader, cfg, device=device, out_dir=out, resume=resume,
                      run_info={"data_fingerprint": split.fingerprint})
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Temporary files a killed run left behind (never under a final name); safe to drop under the lock."""
+    for name in RUN_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def remove_run_files(out: Path, names: Iterable[str]) -> None:
