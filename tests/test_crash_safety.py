@@ -76,7 +76,7 @@ def _kill_and_resume(setup, fault):
 
 def test_killed_runs_resume_bit_exact(setup, reference):
     with ThreadPoolExecutor(4) as pool:
-        results = dict(zip(KILLS, pool.map(lambda f: _kill_and_resume(setup, f), KILLS)))
+        results = dict(zip(KILLS, pool.map(lambda f: _kill_and_resume(setup, f), KILLS), strict=True))
     for fault, (killed, step, resumed) in results.items():
         assert killed.returncode == -signal.SIGKILL, (fault, killed.returncode, killed.stderr)
         assert step == KILLS[fault], (fault, step)
@@ -124,8 +124,7 @@ def _wait_for_step(out, timeout=120):
     raise AssertionError("training did not start")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_saves_and_exits_cleanly(setup, sig):
+def _signal_and_resume(setup, sig):
     out = setup / f"signal-{sig.name}"
     proc = _start(setup, out)
     _wait_for_step(out)
@@ -138,6 +137,11 @@ def test_signal_saves_and_exits_cleanly(setup, sig):
     resumed = run_cli(*train_args(setup, out, "--resume", "--max-steps", str(step + 2)), env=ENV)
     assert resumed.returncode == 0, resumed.stderr
     assert losses(out)[-1][0] == step + 2
+
+
+def test_sigint_and_sigterm_save_and_exit_cleanly(setup):
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda sig: _signal_and_resume(setup, sig), [signal.SIGINT, signal.SIGTERM]))
 
 
 def test_second_process_on_same_out_is_refused(setup):

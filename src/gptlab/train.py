@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from . import faults
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -37,7 +38,6 @@ from .checkpoint import (
     save_model,
 )
 from .device import resolve_device
-from . import faults
 from .errors import UsageError
 from .evaluate import calc_loss_batch, calc_loss_loader
 from .fileio import atomic_open
