@@ -98,8 +98,11 @@ class RunLock:
             import fcntl
         except ImportError:  # Windows: no flock; running two trainings on one folder is then on the user
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise GptlabError(f"cannot lock {self.path}: {exc.strerror or exc}; choose a writable folder") from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -47,6 +47,9 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
     """Refuse to resume where there is no checkpoint, or to start a run over another one."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"--out {out} cannot be created: {blocker} is a file; choose another folder")
     if resume:
         if not (out / CHECKPOINT_NAME).is_file():
             raise UsageError(f"nothing to resume in {out}: it has no {CHECKPOINT_NAME}; start a new run without --resume")
