@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .config import GPTConfig
 from .errors import GptlabError, UsageError
 from .fileio import atomic_path
@@ -75,7 +76,19 @@ def load_state_into(model: GPTModel, state: dict[str, torch.Tensor], source: str
                 param.copy_(state[name])
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def expected_shapes(config: GPTConfig) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """name -> shape of every tensor a model with `config` has (no memory used), and the optional names."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in GPTModel(config).state_dict().items()}
+    return shapes, frozenset({"out_head.weight"} if config.tie_embeddings else ())
+
+
+def read_safetensors(path: str | os.PathLike, config: GPTConfig | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; with `config`, the header is checked against it before reading."""
+    from .safety import inspect_safetensors
+
+    if config is not None:
+        inspect_safetensors(path, *expected_shapes(config))
     try:
         return load_file(str(path))
     except FileNotFoundError:
@@ -95,7 +108,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
         model = GPTModel(config)
     model = model.to_empty(device="cpu")
     model.tie_weights()  # to_empty() gives each module its own fresh tensor, which unties the head
-    load_state_into(model, read_safetensors(folder / WEIGHTS_NAME), str(folder / WEIGHTS_NAME))
+    load_state_into(model, read_safetensors(folder / WEIGHTS_NAME, config), str(folder / WEIGHTS_NAME))
     return model.to(device)
 
 
@@ -185,6 +198,7 @@ def save_checkpoint(
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+        faults.during_save(tmp)
 
 
 def model_of(model: torch.nn.Module) -> GPTModel:

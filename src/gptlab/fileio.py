@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from . import faults
 from .errors import GptlabError
 
 
@@ -56,6 +57,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
+        faults.during_write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -104,8 +106,11 @@ class RunLock:
             import fcntl
         except ImportError:  # Windows: no flock; running two trainings on one folder is then on the user
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise GptlabError(f"cannot lock {self.path}: {exc.strerror or exc}; choose a writable folder") from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -289,7 +289,10 @@ def prepare_dataset(
     vocab_size = get_tokenizer().n_vocab
     if vocab_size > np.iinfo(np.uint16).max + 1:
         raise GptlabError(f"a vocabulary of {vocab_size} does not fit uint16 token files")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GptlabError(f"cannot create {out}: {exc.strerror or exc}; choose a writable --out folder") from None
     # The old meta.json goes first: a crash below leaves no meta.json pointing at mismatched .bin files.
     (out / META_NAME).unlink(missing_ok=True)
     total_bytes = sum(s.size for s in sources)

@@ -47,6 +47,9 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
     """Refuse to resume where there is no checkpoint, or to start a run over another one."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"--out {out} cannot be created: {blocker} is a file; choose another folder")
     if resume:
         if not (out / CHECKPOINT_NAME).is_file():
             raise UsageError(f"nothing to resume in {out}: it has no {CHECKPOINT_NAME}; start a new run without --resume")
@@ -164,10 +167,18 @@ def run_training(
     with RunLock(out):
         if not resume:
             remove_run_files(out, RUN_FILES)
+        remove_stale_temp_files(out)
         model.config.save(out / CONFIG_NAME)
         write_json(out / TRAIN_CONFIG_NAME, cfg.to_dict())
         return train(model, split.train_loader, split.val_loader, cfg, device=device, out_dir=out, resume=resume,
                      run_info={"data_fingerprint": split.fingerprint})
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Temporary files a killed run left behind (never under a final name); safe to drop under the lock."""
+    for name in RUN_FILES:
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def remove_run_files(out: Path, names: Iterable[str]) -> None:

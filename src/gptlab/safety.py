@@ -20,16 +20,35 @@ SAFETENSORS_DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit for the JSON header
+# torch.load(weights_only=True) could be bypassed to run code before 2.6 (CVE-2025-32434).
+MIN_TORCH = (2, 6)
+
+
+def require_safe_torch(version: str | None = None) -> None:
+    """Refuse to unpickle anything with a torch whose weights_only loader has known bypasses."""
+    version = version or torch.__version__
+    try:
+        found = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return  # a development build with an unusual version string: assume it is recent
+    if found < MIN_TORCH:
+        raise GptlabError(
+            f"torch {version} can run code hidden in .pt/.pth/.bin files even with weights_only=True "
+            f"(CVE-2025-32434); upgrade: pip install 'torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}'"
+        )
 
 
 def inspect_safetensors(
-    path: str | os.PathLike, expected: dict[str, tuple[int, ...]] | None = None
+    path: str | os.PathLike,
+    expected: dict[str, tuple[int, ...]] | None = None,
+    optional: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Validate a safetensors file's header without allocating any tensor; return name -> (dtype, shape).
 
     Checks the header length, that every tensor's byte range matches its dtype and shape and lies
     inside the file, and (with `expected`) that names and shapes are exactly those a model needs, so
-    a header claiming a huge tensor is refused before anything is read or allocated.
+    a header claiming a huge tensor is refused before anything is read or allocated. Names in
+    `optional` may be absent (a tied head), but must have the expected shape when present.
     """
     path = Path(path)
     try:
@@ -37,7 +56,7 @@ def inspect_safetensors(
         with open(path, "rb") as fh:
             prefix = fh.read(8)
             if len(prefix) < 8:
-                raise GptlabError(f"{path} is too short to be a safetensors file ({size} bytes); re-create it")
+                raise GptlabError(f"{path} is not a readable safetensors file (only {size} bytes); re-create it")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(MAX_HEADER_BYTES, size - 8):
                 raise GptlabError(f"{path} has a corrupt safetensors header (claims {header_len} bytes); re-create it")
@@ -59,7 +78,7 @@ def inspect_safetensors(
             continue
         tensors[name] = _check_entry(path, name, entry, data_len)
     if expected is not None:
-        _compare(path, tensors, expected)
+        _compare(path, tensors, expected, optional)
     return tensors
 
 
@@ -80,25 +99,27 @@ def _check_entry(path: Path, name: str, entry: Any, data_len: int) -> tuple[str,
     return dtype, shape
 
 
-def _compare(path: Path, found: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, tuple[int, ...]]) -> None:
-    missing = sorted(set(expected) - set(found))
+def _compare(path: Path, found: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, tuple[int, ...]],
+             optional: frozenset[str] | set[str] = frozenset()) -> None:
+    missing = sorted(set(expected) - set(found) - set(optional))
     extra = sorted(set(found) - set(expected))
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
         raise GptlabError(f"{path} does not hold this model's weights ({what}); check the model config")
     for name, shape in expected.items():
-        if tuple(found[name][1]) != tuple(shape):
+        if name in found and tuple(found[name][1]) != tuple(shape):
             raise GptlabError(
                 f"{path}: tensor {name} has shape {found[name][1]} but the config expects {tuple(shape)}; "
                 "the weights were made for a different model size"
             )
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
     """torch.load that never runs code from the file: only tensors and plain containers are accepted."""
+    require_safe_torch()
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UsageError(f"file not found: {path}") from None
     except pickle.UnpicklingError as exc:

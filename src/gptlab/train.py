@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from . import faults
 from .checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -37,7 +38,7 @@ from .checkpoint import (
     save_model,
 )
 from .device import resolve_device
-from .errors import GptlabError, UsageError
+from .errors import UsageError
 from .evaluate import calc_loss_batch, calc_loss_loader
 from .fileio import atomic_open
 from .train_config import DTYPE_CHOICES, LR_SCHEDULES, TrainConfig, TrainResult, TrainState
@@ -130,18 +131,22 @@ def train_step(
     for _ in range(n_micro):
         input_batch, target_batch = next(batches)
         with precision.autocast():
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss = faults.poison_loss(calc_loss_batch(input_batch, target_batch, model, device))
         # Dividing by the group size makes the accumulated gradient the mean over all micro-batches.
         scaled = loss / n_micro if n_micro > 1 else loss
         precision.scaler.scale(scaled).backward()
         total += loss.detach()
         tokens += input_batch.numel()
+    mean = (total / n_micro).item()
+    if not math.isfinite(mean):  # a non-finite loss never reaches the weights
+        optimizer.zero_grad()
+        return mean, tokens
     if cfg.grad_clip > 0:
         precision.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     precision.scaler.step(optimizer)
     precision.scaler.update()
-    return (total / n_micro).item(), tokens
+    return mean, tokens
 
 
 def evaluate_model(
@@ -256,7 +261,7 @@ def restore_training_state(
 
 
 class StopRequest:
-    """First Ctrl-C asks the loop to stop after the current step (and save); a second one aborts."""
+    """First Ctrl-C (or SIGTERM) asks the loop to stop after the current step and save; a second one aborts."""
 
     def __init__(self, log: Callable[[str], None]) -> None:
         self.requested = False
@@ -271,12 +276,12 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in (self._previous or {}).items():
+            signal.signal(sig, handler)
 
 
 # --- progress and logs -----------------------------------------------------------------------------
@@ -363,6 +368,7 @@ def train(
     last_lr = lr_at(max(state.step - 1, 0), cfg, decay_steps)
     epoch_start = _loader_rng(train_loader)
     interrupted = False
+    skipped = 0  # non-finite batches skipped in this session (--skip-nonfinite)
 
     def elapsed() -> float:
         return state.elapsed_s + time.perf_counter() - session_start
@@ -410,12 +416,10 @@ def train(
                     n_micro = min(cfg.grad_accum, n_batches - state.batches_done)
                     last_lr = lr_at(state.step, cfg, decay_steps)
                     set_lr(optimizer, last_lr)
+                    faults.begin_step(state.step + 1)
                     loss, tokens = train_step(model, optimizer, batches, n_micro, cfg, device, precision)
                     if not math.isfinite(loss):
-                        raise GptlabError(
-                            f"training diverged: the loss is {loss} at step {state.step + 1}; lower --lr or raise "
-                            "--warmup-steps (the last checkpoint is intact)"
-                        )
+                        skipped = faults.check_nonfinite(loss, state.step + 1, skipped, cfg.skip_nonfinite, report.log)
                     state.step += 1
                     state.batches_done += n_micro
                     state.tokens_seen += tokens
@@ -434,6 +438,7 @@ def train(
                         state.batches_done = 0
                     if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                         save()
+                    faults.after_step(state.step)
                     if state.batches_done == 0:
                         break
             interrupted = stop.requested and state.step < total_steps

@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     quiet: bool = False
+    skip_nonfinite: int = 0  # NaN/inf batches to skip (per session) before stopping
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -77,6 +78,7 @@ class TrainConfig:
             (self.save_every >= 0, "save_every must be 0 (only at the end) or more"),
             (self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)}"),
             (self.num_workers >= 0, "num_workers must be 0 or more"),
+            (self.skip_nonfinite >= 0, "skip_nonfinite must be 0 or more"),
             (self.sample_temperature >= 0, "sample_temperature must be 0 (greedy) or more"),
             (self.sample_top_k is None or self.sample_top_k >= 1, "sample_top_k must be at least 1"),
         ]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads only when a command runs, so --help and argument errors stay fast
+    import torch
 
-from ..device import DEVICE_CHOICES, resolve_device
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # as gptlab.device's, without importing torch
 
 
 def positive_int(text: str) -> int:
@@ -63,6 +65,8 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 def pick_device(args: argparse.Namespace, quiet: bool = False) -> torch.device:
     """Resolve --device and tell the user (on stderr, so --json output stays clean)."""
+    from ..device import resolve_device
+
     device = resolve_device(args.device)
     if not quiet:
         print(f"device: {device}", file=sys.stderr)

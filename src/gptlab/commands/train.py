@@ -50,6 +50,8 @@ def register(sub) -> None:
     out.add_argument("--out", metavar="DIR", help="run folder (runs/<date>-<time>)")
     out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     out.add_argument("--force", action="store_true", help="overwrite the run already in --out")
+    out.add_argument("--skip-nonfinite", type=non_negative_int, metavar="N",
+                     help="skip up to N batches whose loss is NaN/inf instead of stopping (0)")
     out.add_argument("--quiet", action="store_true", default=None, help="no progress bar, log lines only")
     sys_ = p.add_argument_group("system")
     sys_.add_argument("--seed", type=non_negative_int, help="random seed (123)")
@@ -70,7 +72,7 @@ OPTION_FIELDS = (
     "data", "val_fraction", "batch_size", "context_length", "stride", "num_workers", "model", "init", "drop_rate",
     "epochs", "max_steps", "lr", "min_lr", "warmup_steps", "lr_schedule", "decay_steps", "weight_decay",
     "grad_clip", "grad_accum", "eval_every", "eval_iters", "sample_prompt", "save_every", "quiet", "seed",
-    "device", "dtype",
+    "device", "dtype", "skip_nonfinite",
 )
 
 

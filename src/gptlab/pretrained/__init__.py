@@ -49,6 +49,10 @@ def _load_gptlab(path: Path, config: GPTConfig | None, device, dtype) -> GPTMode
     """gptlab's own safetensors: read lazily, tensor by tensor (config from the file's metadata if not given)."""
     from safetensors import SafetensorError, safe_open
 
+    from ..checkpoint import expected_shapes
+    from ..safety import inspect_safetensors
+
+    inspect_safetensors(path)  # every byte range checked against the file before anything is mapped
     try:
         handle = safe_open(str(path), framework="pt")
         meta = handle.metadata() or {}
@@ -62,8 +66,8 @@ def _load_gptlab(path: Path, config: GPTConfig | None, device, dtype) -> GPTMode
             config = GPTConfig.load(path.parent / CONFIG_NAME)
         else:
             raise UsageError(f"{path} carries no gptlab config and there is no {CONFIG_NAME} beside it")
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in GPTModel(config).state_dict().items()}
+    shapes, optional = expected_shapes(config)
+    inspect_safetensors(path, shapes, optional)  # names and shapes must be this config's, before any read
     if config.tie_embeddings:
         del shapes["out_head.weight"]
     extra = sorted(names - set(shapes) - {"out_head.weight"})

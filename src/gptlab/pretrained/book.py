@@ -19,6 +19,7 @@ from torch import Tensor
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..model import GPTModel
+from ..safety import safe_torch_load
 from .assemble import Spec, assemble, brief, concat_rows
 
 # GPT-2's head count for its four widths: the only defaults that are facts, not guesses.
@@ -31,7 +32,13 @@ def read_book_state(path: str | os.PathLike) -> dict[str, Tensor]:
     """The model's state_dict from a book checkpoint (weights_only: nothing is unpickled blindly)."""
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_torch_load(path)
+    except UsageError:
+        raise
+    except GptlabError as exc:
+        if str(exc).startswith("refusing"):  # a pickle that would run code: say so, do not blur it
+            raise
+        raise GptlabError(f"cannot read {path} as a PyTorch checkpoint of weights; it may be damaged") from None
     except FileNotFoundError:
         raise UsageError(f"checkpoint not found: {path}") from None
     except Exception as exc:  # torch raises many types for damaged or non-weights pickles

@@ -21,6 +21,7 @@ from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..fileio import atomic_path, write_json
 from ..model import GPTModel
+from ..safety import inspect_safetensors, safe_torch_load
 from .assemble import GPT2_LAYER, assemble, brief, gpt2_specs, transpose
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -91,18 +92,38 @@ def _open_tensors(path: Path) -> tuple[list[str], Callable[[str], Tensor]]:
     try:
         if path.name == BIN_NAME:
             try:  # memory-mapped when the file is in torch's zip format; old pickles load whole
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = safe_torch_load(path, mmap=True)
+            except GptlabError as exc:
+                if "refusing" in str(exc):
+                    raise
+                state = safe_torch_load(path)
             return list(state), state.__getitem__
         if path.name == SAFETENSORS_INDEX_NAME:
             weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-            handles = {f: safe_open(str(path.parent / f), framework="pt") for f in sorted(set(weight_map.values()))}
+            files = sorted(set(weight_map.values()))
+            for f in files:  # byte ranges checked against each file before it is mapped
+                inspect_safetensors(path.parent / f)
+            handles = {f: safe_open(str(path.parent / f), framework="pt") for f in files}
             return list(weight_map), lambda name: handles[weight_map[name]].get_tensor(name)
+        inspect_safetensors(path)
         handle = safe_open(str(path), framework="pt")
         return list(handle.keys()), handle.get_tensor
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as exc:
         raise GptlabError(f"cannot read {path} ({brief(exc)}); it may be truncated: download it again") from None
+
+
+def _check_header_shapes(path: Path, specs, prefixed: dict[str, str], config_name: str) -> None:
+    """No tensor in the header may be larger than the config's, checked before any tensor is read (other
+    mismatches get assemble's more specific message when the tensor is read)."""
+    import math
+
+    header = inspect_safetensors(path)
+    for spec in specs:
+        for source, shape in zip(spec.sources, spec.shapes, strict=True):
+            found = header.get(prefixed.get(source, ""))
+            if found is not None and math.prod(found[1]) > math.prod(shape):
+                raise GptlabError(f"{path}: tensor {prefixed[source]} has shape {found[1]} but {config_name} "
+                                  f"expects {tuple(shape)}; the weights belong to another model size")
 
 
 def load_hf(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -124,6 +145,8 @@ def load_hf(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype
     prefixed = {n.removeprefix("transformer."): n for n in names if not _IGNORED.match(n)}
     specs = gpt2_specs(config, _hf_name, lambda n_in, n_out: (n_in, n_out), transpose, ("weight", "bias"))
     used = {s for spec in specs for s in spec.sources}
+    if path.suffix == ".safetensors":
+        _check_header_shapes(path, specs, prefixed, str(config_path))
     extra = sorted(set(prefixed) - used - ({"lm_head.weight"} if config.tie_embeddings else set()))
     if extra:
         raise GptlabError(
