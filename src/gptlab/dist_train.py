@@ -76,18 +76,19 @@ def load_states(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict) 
     """Load a checkpoint's weights and optimizer state into a wrapped/sharded model on every rank."""
     from .checkpoint import model_of
 
-    state = dict(ckpt["model"])
-    inner = model_of(model)
-    if inner.config.tie_embeddings and "out_head.weight" not in state:
-        state["out_head.weight"] = state["tok_emb.weight"]  # stored once; the module has both names
-    D.load_model_state_dict(model, state)
     if ckpt.get("extra", {}).get("optimizer_format") != FULL_OPTIMIZER:
         raise UsageError("this checkpoint was written by a single process; resume it without torchrun "
                          "(the optimizer state is stored per process there)")
-    D.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
+    state = dict(ckpt["model"])
+    if model_of(model).config.tie_embeddings and "out_head.weight" not in state:
+        state["out_head.weight"] = state["tok_emb.weight"]  # stored once; the module has both names
+    # Rank 0's copy is broadcast to the others (the helpers expect {} on those ranks).
+    main = D.is_main_process()
+    D.load_model_state_dict(model, state if main else {})
+    D.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"] if main else {})
 
 
-def check_world_size(saved: int | None, log=print) -> None:
+def check_world_size(saved: int | None) -> None:
     """Resuming on another number of ranks changes the global batch, so the data order would not continue."""
     now = D.get_world_size()
     if saved is not None and int(saved) != now:

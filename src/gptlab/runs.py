@@ -154,9 +154,10 @@ def run_training(
     out = Path(out) if out is not None else default_out_dir()
     check_out_dir(out, resume, force)
     from . import dist_train
-    from .distributed import barrier, is_main_process, translate_errors
+    from .distributed import barrier, translate_errors
 
-    strategy = dist_train.pick_strategy(cfg.strategy, log if is_main_process() else _quiet)
+    # Settled before joining the job, so a wrong --strategy fails at once on every rank.
+    strategy = dist_train.pick_strategy(cfg.strategy, log if os.environ.get("RANK", "0") == "0" else _quiet)
     info = dist_train.setup(resolve_device(cfg.device))
     device = info.device
     if not info.is_main:
