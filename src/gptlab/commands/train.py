@@ -46,6 +46,7 @@ def register(sub) -> None:
     out.add_argument("--eval-every", type=positive_int, help="evaluate every N steps (25)")
     out.add_argument("--eval-iters", type=positive_int, help="batches per evaluation (10)")
     out.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch ('A function'; '' for none)")
+    out.add_argument("--sample-tokens", type=positive_int, help="tokens per sample (50)")
     out.add_argument("--save-every", type=non_negative_int, help="checkpoint every N steps (0: only at the end)")
     out.add_argument("--out", metavar="DIR", help="run folder (runs/<date>-<time>)")
     out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -86,7 +87,7 @@ def _drop_rate(text: str) -> float:
 OPTION_FIELDS = (
     "data", "val_fraction", "batch_size", "context_length", "stride", "num_workers", "model", "init", "drop_rate",
     "epochs", "max_steps", "lr", "min_lr", "warmup_steps", "lr_schedule", "decay_steps", "weight_decay",
-    "grad_clip", "grad_accum", "eval_every", "eval_iters", "sample_prompt", "save_every", "quiet", "seed",
+    "grad_clip", "grad_accum", "eval_every", "eval_iters", "sample_prompt", "sample_tokens", "save_every", "quiet", "seed",
     "device", "dtype", "strategy", "compile", "compile_backend", "vocab_multiple", "peak_tflops",
 )
 
