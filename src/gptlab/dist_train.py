@@ -96,3 +96,31 @@ def check_world_size(saved: int | None) -> None:
             f"the run was trained on {saved} rank(s) and this job has {now}; resume with "
             f"torchrun --nproc_per_node {saved} (the global batch, and so the data order, depends on it)"
         )
+
+
+def tag_run_info(run_info: dict | None, model_state: dict | None) -> dict | None:
+    """Mark a checkpoint whose optimizer state is in the full (name-keyed) form of a multi-rank run."""
+    if model_state is None:
+        return run_info
+    return {**(run_info or {}), "optimizer_format": FULL_OPTIMIZER}
+
+
+def save_model_folder(model: nn.Module, model_state: dict | None, folder) -> None:
+    """config.json + model.safetensors of a (possibly wrapped or sharded) model, on rank 0."""
+    from .checkpoint import model_of, save_model
+
+    if model_state is not None:
+        D.save_full_state(model_of(model).config, model_state, folder)
+    else:
+        save_model(model_of(model), folder)
+
+
+def load_training_checkpoint(path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler) -> dict:
+    """checkpoint.load_checkpoint, or on several ranks: every rank reads the file, rank 0's copy is loaded."""
+    from .checkpoint import load_checkpoint
+
+    if not is_multi_rank():
+        return load_checkpoint(path, model, optimizer, scaler=scaler, restore_rng=True)
+    ckpt = load_checkpoint(path, scaler=scaler, restore_rng=True)
+    load_states(model, optimizer, ckpt)
+    return ckpt

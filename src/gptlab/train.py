@@ -30,11 +30,9 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import (
     CHECKPOINT_NAME,
-    load_checkpoint,
     model_of,
     restore_rng_state,
     save_checkpoint,
-    save_model,
 )
 from .device import resolve_device
 from .distributed import all_reduce_mean, get_world_size, gradient_sync, is_main_process
@@ -227,8 +225,7 @@ def save_training_state(
     model_state, optimizer_state = dist_train.gather_states(model, optimizer)
     if not is_main_process():
         return
-    if model_state is not None:
-        run_info = {**(run_info or {}), "optimizer_format": dist_train.FULL_OPTIMIZER}
+    run_info = dist_train.tag_run_info(run_info, model_state)
     save_checkpoint(
         out_dir / CHECKPOINT_NAME, model, optimizer,
         step=state.step, epoch=state.epoch, batches_done=state.batches_done, tokens_seen=state.tokens_seen,
@@ -237,12 +234,7 @@ def save_training_state(
                "train_config": cfg.to_dict()},
         model_state=model_state, optimizer_state=optimizer_state,
     )
-    if model_state is not None:
-        from .distributed import save_full_state
-
-        save_full_state(model_of(model).config, model_state, out_dir)
-    else:
-        save_model(model_of(model), out_dir)
+    dist_train.save_model_folder(model, model_state, out_dir)
     write_metrics(out_dir / METRICS_NAME, state.metrics)
     if plot and state.metrics:
         from .plot import plot_losses
@@ -263,13 +255,9 @@ def restore_training_state(
 ) -> tuple[TrainState, dict, dict]:
     """Load a checkpoint into model/optimizer/RNGs; returns the state, the loader's RNG states and the
     settings the run was saved with."""
-    from . import dist_train
+    from .dist_train import load_training_checkpoint
 
-    if dist_train.is_multi_rank():  # every rank reads the file: a shared folder across nodes
-        ckpt = load_checkpoint(path, scaler=precision.scaler, restore_rng=True)
-        dist_train.load_states(model, optimizer, ckpt)
-    else:
-        ckpt = load_checkpoint(path, model, optimizer, scaler=precision.scaler, restore_rng=True)
+    ckpt = load_training_checkpoint(path, model, optimizer, precision.scaler)
     extra = ckpt.get("extra", {})
     state = TrainState(
         step=ckpt["step"], epoch=ckpt["epoch"], batches_done=ckpt["batches_done"],
