@@ -24,6 +24,7 @@ from .tokenfile import (
 )
 from .tokenizer import decode, encode, get_tokenizer, text_to_token_ids, token_ids_to_text
 from .train import TrainConfig, TrainResult, train
+from .train_data import PreparedLoader, prepared_split
 
 __all__ = [
     "GPTConfig",
@@ -75,4 +76,6 @@ __all__ = [
     "sample_next",
     "next_token_probs",
     "explain_sampling",
+    "PreparedLoader",
+    "prepared_split",
 ]
