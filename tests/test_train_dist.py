@@ -125,3 +125,26 @@ def test_strategy_none_on_several_ranks_is_refused_with_the_rank(setup):
                    "--out", str(root / "never"), env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
     assert_clean_error(proc, 2, "(rank 1)", "--strategy none")
     assert not (root / "never").exists()
+
+
+def test_prepared_loader_ranks_and_resume_skip(tmp_path):
+    import numpy as np
+
+    from gptlab.tokenfile import TokenFileDataset
+    from gptlab.train_data import PreparedLoader
+
+    path = tmp_path / "train.bin"
+    np.arange(1000, dtype="<u2").tofile(path)
+    data = TokenFileDataset(path, 8)  # 124 windows
+    one = PreparedLoader(data, 4, seed=3)
+    ranks = [PreparedLoader(data, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == 31
+    whole = list(one)
+    halves = [list(loader) for loader in ranks]
+    for k, (x, y) in enumerate(whole):  # rank r holds block r of every global batch
+        assert torch.equal(x, torch.cat([halves[0][k][0], halves[1][k][0]]))
+        assert torch.equal(y[:, :-1], x[:, 1:])
+    assert not torch.equal(list(one)[0][0], whole[0][0])  # the next epoch is another permutation
+    one.generator.set_state(torch.tensor([0]))
+    resumed = list(one.iter_from(29))  # a resumed run jumps there without reading batches 0..28
+    assert len(resumed) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(resumed, whole[29:], strict=True))
