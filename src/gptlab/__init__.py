@@ -63,6 +63,8 @@ _LAZY = {
     "text_to_token_ids": "tokenizer",
     "token_ids_to_text": "tokenizer",
     "TrainConfig": "train",
+    "PreparedLoader": "train_data",
+    "prepared_split": "train_data",
     "TrainResult": "train",
     "train": "train",
 }
@@ -99,6 +101,8 @@ __all__ = [
     "unwrap_model",
     "GPTDataset",
     "TrainConfig",
+    "PreparedLoader",
+    "prepared_split",
     "TrainResult",
     "calc_loss_batch",
     "calc_loss_loader",

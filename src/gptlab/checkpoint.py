@@ -174,19 +174,25 @@ def save_checkpoint(
     loader_state: dict | None = None,
     scaler: torch.amp.GradScaler | None = None,
     extra: dict | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> None:
     """Write the full training state to `path` atomically, RNG states included.
 
     `batches_done` counts the micro-batches of `epoch` already used; `loader_state` holds the data
     loader's generator states (see gptlab.train); `extra` is any further plain data (settings,
-    loss history) kept with the checkpoint.
+    loss history) kept with the checkpoint. `model_state` / `optimizer_state`: full states gathered
+    from a multi-rank (DDP/FSDP) model by gptlab.dist_train, used instead of the model's own.
     """
+    if model_state is not None and model_of(model).config.tie_embeddings:
+        model_state = {k: v for k, v in model_state.items() if k != "out_head.weight"}
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "model_config": model_of(model).config.to_dict(),
-        "model": model_state_for_saving(model),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": model_state if model_state is not None else model_state_for_saving(model),
+        "optimizer": optimizer_state if optimizer_state is not None
+        else optimizer.state_dict() if optimizer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "step": int(step),
         "epoch": int(epoch),

@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_tag() -> str:
+    """' (rank N)' inside a torchrun job of several processes, so each error line says whose it is."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK"):
+        return f" (rank {os.environ['RANK']})"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except GptlabError as exc:
         if debug:
             raise
-        print(f"gptlab {args.command}: error: {exc}", file=sys.stderr)
+        print(f"gptlab {args.command}{_rank_tag()}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"gptlab {args.command}: interrupted", file=sys.stderr)

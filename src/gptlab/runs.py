@@ -7,6 +7,7 @@ bad option never leaves a half-made run behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, model_of, read_checkpoint
 from .config import GPTConfig
 from .data import DataSplit, load_documents, make_loaders, tokenize_documents
 from .device import resolve_device
@@ -112,7 +113,8 @@ def build_model(cfg: TrainConfig) -> GPTModel:
     context = cfg.context_length or config.context_length
     check_context(context, config.context_length)
     # A fresh model gets exactly the training context: positions it never trains on would be noise.
-    return GPTModel(config.replace(context_length=context, drop_rate=cfg.drop_rate))
+    return GPTModel(config.replace(context_length=context, drop_rate=cfg.drop_rate,
+                                   vocab_multiple=cfg.vocab_multiple))
 
 
 def check_context(context: int, maximum: int) -> None:
@@ -121,9 +123,20 @@ def check_context(context: int, maximum: int) -> None:
                          "(or use a config.json with a larger context_length)")
 
 
-def prepare_data(cfg: TrainConfig, model_config: GPTConfig) -> DataSplit:
+def prepare_data(cfg: TrainConfig, model_config: GPTConfig, device: torch.device | None = None) -> DataSplit:
+    from .distributed import get_rank, get_world_size
+    from .train_data import prepared_folder, prepared_split
+
     context = cfg.context_length or model_config.context_length
     check_context(context, model_config.context_length)
+    folder = prepared_folder(cfg.data)
+    if folder is not None:  # memory-mapped token files; each rank reads its own share of every global batch
+        return prepared_split(folder, context_length=context, stride=cfg.stride, batch_size=cfg.batch_size,
+                              seed=cfg.seed, vocab_size=model_config.vocab_size, rank=get_rank(),
+                              world_size=get_world_size(), device=device)
+    if get_world_size() > 1:
+        raise UsageError("training on several ranks reads a prepared folder (each rank its own windows); "
+                         "run gptlab prepare --data ... --out DIR, then train with --data DIR")
     ids = tokenize_documents(load_documents(cfg.data))
     if ids.numel() and int(ids.max()) >= model_config.vocab_size:
         raise UsageError(f"the model's vocabulary ({model_config.vocab_size}) is smaller than the GPT-2 "
@@ -143,7 +156,15 @@ def run_training(
     """Train as `gptlab train` does: check, load data, build the model, train into `out`, resume."""
     out = Path(out) if out is not None else default_out_dir()
     check_out_dir(out, resume, force)
-    device = resolve_device(cfg.device)
+    from . import dist_train
+    from .distributed import barrier, translate_errors
+
+    # Settled before joining the job, so a wrong --strategy fails at once on every rank.
+    strategy = dist_train.pick_strategy(cfg.strategy, log if os.environ.get("RANK", "0") == "0" else _quiet)
+    info = dist_train.setup(resolve_device(cfg.device))
+    device = info.device
+    if not info.is_main:
+        log = _quiet  # only rank 0 of a torchrun job talks
     make_precision(cfg.dtype, device)  # an unsupported --dtype fails now, not after loading data
     checkpoint = read_checkpoint(out / CHECKPOINT_NAME) if resume else None
     seed_everything(cfg.seed)
@@ -155,23 +176,40 @@ def run_training(
                     if getattr(model.config, k) != v]
             raise UsageError(f"checkpoint in {out} was made for another model ({', '.join(diff)} requested); "
                              "leave out --model/--context-length/--drop-rate or start a new run")
-    split = prepare_data(cfg, model.config)
+    if checkpoint is not None:
+        dist_train.check_world_size(checkpoint["extra"].get("world_size", 1))
+    split = prepare_data(cfg, model.config, device)
     if checkpoint is not None and checkpoint["extra"].get("data_fingerprint") not in (None, split.fingerprint):
         raise UsageError(f"the training data changed since the run in {out} started; resume needs the same data")
     steps_per_epoch = math.ceil(len(split.train_loader) / cfg.grad_accum)
     if cfg.decay_steps is None:  # fix the cosine length now, so a later --max-steps does not reshape it
         cfg = dataclasses.replace(cfg, decay_steps=planned_steps(cfg, steps_per_epoch))
     log(f"data: {split.total_tokens:,} tokens ({split.train_tokens:,} train, {split.val_tokens:,} validation); "
-        f"{len(split.train_loader)} batches of {cfg.batch_size} x {split.train_loader.dataset.max_length} per epoch")
+        f"{len(split.train_loader)} batches of {cfg.batch_size} x {context_of(split)} per epoch"
+        + (f" on each of {info.world_size} ranks ({strategy})" if info.world_size > 1 else ""))
     log(f"model: {model.num_parameters():,} parameters; device {device}; output {out}")
-    with RunLock(out):
-        if not resume:
-            remove_run_files(out, RUN_FILES)
-        remove_stale_temp_files(out)
-        model.config.save(out / CONFIG_NAME)
-        write_json(out / TRAIN_CONFIG_NAME, cfg.to_dict())
-        return train(model, split.train_loader, split.val_loader, cfg, device=device, out_dir=out, resume=resume,
-                     run_info={"data_fingerprint": split.fingerprint})
+    model = dist_train.prepare_model(model, strategy, device, cfg.compile_backend if cfg.compile else None)
+    barrier()  # every rank has checked --out before rank 0 writes into it
+    with RunLock(out) if info.is_main else contextlib.nullcontext():
+        if info.is_main:
+            if not resume:
+                remove_run_files(out, RUN_FILES)
+            remove_stale_temp_files(out)
+            model_of(model).config.save(out / CONFIG_NAME)
+            write_json(out / TRAIN_CONFIG_NAME, cfg.to_dict())
+        with translate_errors(info.rank):
+            return train(model, split.train_loader, split.val_loader, cfg, device=device, out_dir=out,
+                         resume=resume, run_info={"data_fingerprint": split.fingerprint,
+                                                  "world_size": info.world_size})
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log function of ranks other than 0."""
+
+
+def context_of(split: DataSplit) -> int:
+    dataset = split.train_loader.dataset
+    return getattr(dataset, "max_length", None) or dataset.context_length
 
 
 def remove_stale_temp_files(out: Path) -> None:

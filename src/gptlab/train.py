@@ -31,16 +31,16 @@ from torch.utils.data import DataLoader
 from . import faults
 from .checkpoint import (
     CHECKPOINT_NAME,
-    load_checkpoint,
     model_of,
     restore_rng_state,
     save_checkpoint,
-    save_model,
 )
 from .device import resolve_device
+from .distributed import all_reduce_mean, get_world_size, gradient_sync, is_main_process
 from .errors import UsageError
 from .evaluate import calc_loss_batch, calc_loss_loader
 from .fileio import atomic_open
+from .speed import flops_per_token, peak_tflops
 from .train_config import DTYPE_CHOICES, LR_SCHEDULES, TrainConfig, TrainResult, TrainState
 
 __all__ = ["DTYPE_CHOICES", "LR_SCHEDULES", "TrainConfig", "TrainResult", "TrainState", "train"]
@@ -128,16 +128,21 @@ def train_step(
     optimizer.zero_grad()
     total = torch.zeros((), device=device)
     tokens = 0
-    for _ in range(n_micro):
+    for i in range(n_micro):
         input_batch, target_batch = next(batches)
-        with precision.autocast():
-            loss = faults.poison_loss(calc_loss_batch(input_batch, target_batch, model, device))
-        # Dividing by the group size makes the accumulated gradient the mean over all micro-batches.
-        scaled = loss / n_micro if n_micro > 1 else loss
-        precision.scaler.scale(scaled).backward()
+        # Under DDP/FSDP only the last micro-step all-reduces the gradients (no-op in one process).
+        with gradient_sync(model, enabled=i == n_micro - 1):
+            with precision.autocast():
+                loss = faults.poison_loss(calc_loss_batch(input_batch, target_batch, model, device))
+            # Dividing by the group size makes the accumulated gradient the mean over all micro-batches.
+            scaled = loss / n_micro if n_micro > 1 else loss
+            precision.scaler.scale(scaled).backward()
         total += loss.detach()
         tokens += input_batch.numel()
-    mean = (total / n_micro).item()
+    # All ranks' mean loss and tokens (every rank's batches are the same size), so that every rank
+    # takes the same decision about a non-finite loss.
+    mean = all_reduce_mean(total / n_micro, device)
+    tokens *= get_world_size()
     if not math.isfinite(mean):  # a non-finite loss never reaches the weights
         optimizer.zero_grad()
         return mean, tokens
@@ -163,7 +168,7 @@ def evaluate_model(
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iters)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iters)
     model.train()
-    return train_loss, val_loss
+    return all_reduce_mean(train_loss, device), all_reduce_mean(val_loss, device)
 
 
 def sample_text(
@@ -218,15 +223,25 @@ def save_training_state(
     run_info: dict | None = None,
     plot: bool = True,
 ) -> None:
-    """Checkpoint first, then the model folder files and the plot: the checkpoint is the truth."""
+    """Checkpoint first, then the model folder files and the plot: the checkpoint is the truth.
+
+    In a multi-rank job every rank must call this (the full states are gathered); rank 0 writes.
+    """
+    from . import dist_train
+
+    model_state, optimizer_state = dist_train.gather_states(model, optimizer)
+    if not is_main_process():
+        return
+    run_info = dist_train.tag_run_info(run_info, model_state)
     save_checkpoint(
         out_dir / CHECKPOINT_NAME, model, optimizer,
         step=state.step, epoch=state.epoch, batches_done=state.batches_done, tokens_seen=state.tokens_seen,
         loader_state=loader_state, scaler=precision.scaler,
         extra={**(run_info or {}), "elapsed_s": state.elapsed_s, "metrics": state.metrics,
                "train_config": cfg.to_dict()},
+        model_state=model_state, optimizer_state=optimizer_state,
     )
-    save_model(model_of(model), out_dir)
+    dist_train.save_model_folder(model, model_state, out_dir)
     write_metrics(out_dir / METRICS_NAME, state.metrics)
     if plot and state.metrics:
         from .plot import plot_losses
@@ -247,7 +262,9 @@ def restore_training_state(
 ) -> tuple[TrainState, dict, dict]:
     """Load a checkpoint into model/optimizer/RNGs; returns the state, the loader's RNG states and the
     settings the run was saved with."""
-    ckpt = load_checkpoint(path, model, optimizer, scaler=precision.scaler, restore_rng=True)
+    from .dist_train import load_training_checkpoint
+
+    ckpt = load_training_checkpoint(path, model, optimizer, precision.scaler)
     extra = ckpt.get("extra", {})
     state = TrainState(
         step=ckpt["step"], epoch=ckpt["epoch"], batches_done=ckpt["batches_done"],
@@ -292,7 +309,10 @@ class Reporter:
 
     def __init__(self, cfg: TrainConfig, total: int, initial: int) -> None:
         self.bar = None
-        if not cfg.quiet:
+        self.main = is_main_process()  # only rank 0 of a torchrun job reports
+        self.flops_per_token = 0.0  # set by the caller; with a known peak the bar shows MFU
+        self.peak_tflops: float | None = None
+        if not cfg.quiet and self.main:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -300,6 +320,8 @@ class Reporter:
         self._tokens = 0
 
     def log(self, message: str) -> None:
+        if not self.main:
+            return
         if self.bar is not None:
             self.bar.write(message, file=sys.stdout)
         else:
@@ -309,7 +331,12 @@ class Reporter:
         self._tokens += tokens
         if self.bar is not None:
             rate = self._tokens / max(time.perf_counter() - self._t0, 1e-9)
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", refresh=False)
+            extra = {}
+            if self.peak_tflops:
+                from .speed import mfu
+
+                extra["mfu"] = f"{mfu(rate, self.flops_per_token, self.peak_tflops, get_world_size()):.1%}"
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}", **extra, refresh=False)
             self.bar.update(1)
 
     def close(self) -> None:
@@ -364,6 +391,8 @@ def train(
             decay_steps = int(saved_cfg["decay_steps"])  # the schedule stays the run's original one
         _set_loader_rng(train_loader, loader_state["current"])
     report = Reporter(cfg, total_steps, min(state.step, total_steps))
+    report.peak_tflops = peak_tflops(device, str(precision.dtype).removeprefix("torch."), cfg.peak_tflops)
+    report.flops_per_token = flops_per_token(model_of(model).config, cfg.context_length)
     session_start = time.perf_counter()
     last_lr = lr_at(max(state.step - 1, 0), cfg, decay_steps)
     epoch_start = _loader_rng(train_loader)
@@ -383,7 +412,7 @@ def train(
         state.metrics.append(record)
         epoch = max(1, state.epoch + (1 if state.batches_done else 0))
         report.log(f"Ep {epoch} (Step {state.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        if out is not None:
+        if out is not None and is_main_process():
             write_metrics(out / METRICS_NAME, state.metrics)
 
     def save(final: bool = False) -> None:
@@ -473,9 +502,12 @@ def _resume_batches(loader: DataLoader, skip: int, loader_state: dict) -> Iterat
     also account for any evaluations that iterated the loader since.
     """
     _set_loader_rng(loader, loader_state["epoch_start"])
-    batches = iter(loader)
-    for _ in range(skip):
-        next(batches)
+    if hasattr(loader, "iter_from"):  # a prepared-folder loader jumps there without reading (train_data.py)
+        batches = loader.iter_from(skip)
+    else:
+        batches = iter(loader)
+        for _ in range(skip):
+            next(batches)
     _set_loader_rng(loader, loader_state["current"])
     restore_rng_state(loader_state["rng"])
     return batches

@@ -55,6 +55,12 @@ class TrainConfig:
     dtype: str = "auto"
     quiet: bool = False
     skip_nonfinite: int = 0  # NaN/inf batches to skip (per session) before stopping
+    # scale (issue 7): torchrun strategy, torch.compile, padded vocabulary, MFU
+    strategy: str | None = None  # none | ddp | fsdp; None: ddp under torchrun with several ranks, else none
+    compile: bool = False
+    compile_backend: str = "inductor"
+    vocab_multiple: int | None = None  # None: the model config's
+    peak_tflops: float | None = None  # None: looked up for known GPUs (MFU shown only when known)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -80,6 +86,9 @@ class TrainConfig:
             (self.num_workers >= 0, "num_workers must be 0 or more"),
             (self.skip_nonfinite >= 0, "skip_nonfinite must be 0 or more"),
             (self.sample_temperature >= 0, "sample_temperature must be 0 (greedy) or more"),
+            (self.strategy in (None, "none", "ddp", "fsdp"), "strategy must be none, ddp or fsdp"),
+            (self.vocab_multiple is None or self.vocab_multiple >= 1, "vocab_multiple must be at least 1"),
+            (self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops must be positive"),
             (self.sample_top_k is None or self.sample_top_k >= 1, "sample_top_k must be at least 1"),
         ]
         for ok, message in checks:

@@ -19,7 +19,7 @@ def register(sub) -> None:
     )
     p.add_argument("--model", required=True, help="run folder, model folder, or preset (random weights)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or corpus names")
+    src.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or corpus names; a folder made by gptlab prepare: its val.bin")
     src.add_argument("--text", help="the text to score")
     p.add_argument("--context-length", type=positive_int, help="window length (the model's context)")
     p.add_argument("--stride", type=positive_int, help="new tokens per window (half the context)")
@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--text is empty; give some text to score")
         ids = tokenize_documents([args.text])
     else:
-        ids = tokenize_documents(load_documents(args.data))
+        ids = _prepared_val_tokens(args.data)
+        if ids is None:
+            ids = tokenize_documents(load_documents(args.data))
     device = pick_device(args, quiet=args.json)
     model = load_model_arg(args.model, device)
     result = score_tokens(model, ids, device=device, context_length=args.context_length, stride=args.stride,
@@ -51,3 +53,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  tokens {result.tokens:,}")
     sys.stdout.flush()
     return 0
+
+
+def _prepared_val_tokens(data: list[str]):
+    """The validation tokens of a prepared folder (`gptlab prepare`), or None for text inputs."""
+    import numpy as np
+    import torch
+
+    from ..prepare import VAL_NAME
+    from ..train_data import prepared_folder
+
+    folder = prepared_folder(data)
+    if folder is None:
+        return None
+    from ..tokenfile import read_meta
+
+    read_meta(folder)  # the files match meta.json
+    tokens = np.memmap(folder / VAL_NAME, dtype=np.dtype("<u2"), mode="r")
+    return torch.from_numpy(tokens.astype(np.int64))

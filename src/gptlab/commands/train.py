@@ -46,6 +46,7 @@ def register(sub) -> None:
     out.add_argument("--eval-every", type=positive_int, help="evaluate every N steps (25)")
     out.add_argument("--eval-iters", type=positive_int, help="batches per evaluation (10)")
     out.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch ('A function'; '' for none)")
+    out.add_argument("--sample-tokens", type=positive_int, help="tokens per sample (50)")
     out.add_argument("--save-every", type=non_negative_int, help="checkpoint every N steps (0: only at the end)")
     out.add_argument("--out", metavar="DIR", help="run folder (runs/<date>-<time>)")
     out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -58,7 +59,24 @@ def register(sub) -> None:
     sys_.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="where to train (auto)")
     sys_.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                       help="autocast precision (auto: bfloat16 on GPUs that support it, else float32)")
+    scale = p.add_argument_group("scale (launch with torchrun for several processes; see README)")
+    scale.add_argument("--strategy", choices=("none", "ddp", "fsdp"),
+                       help="data parallelism under torchrun (ddp when several ranks and none given)")
+    scale.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    scale.add_argument("--compile-backend", metavar="NAME",
+                       help="torch.compile backend (inductor; eager/aot_eager compile faster, run slower)")
+    scale.add_argument("--vocab-multiple", type=positive_int, metavar="N",
+                       help="pad the vocabulary to a multiple of N (64 is faster on GPUs; results unchanged)")
+    scale.add_argument("--peak-tflops", type=_positive_float, metavar="T",
+                       help="peak TFLOPS of one device, for MFU in the progress bar (known GPUs: looked up)")
     p.set_defaults(func=run)
+
+
+def _positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
 
 
 def _drop_rate(text: str) -> float:
@@ -71,8 +89,9 @@ def _drop_rate(text: str) -> float:
 OPTION_FIELDS = (
     "data", "val_fraction", "batch_size", "context_length", "stride", "num_workers", "model", "init", "drop_rate",
     "epochs", "max_steps", "lr", "min_lr", "warmup_steps", "lr_schedule", "decay_steps", "weight_decay",
-    "grad_clip", "grad_accum", "eval_every", "eval_iters", "sample_prompt", "save_every", "quiet", "seed",
-    "device", "dtype", "skip_nonfinite",
+    "grad_clip", "grad_accum", "eval_every", "eval_iters", "sample_prompt", "sample_tokens", "save_every", "quiet",
+    "seed", "device", "dtype", "skip_nonfinite", "strategy", "compile", "compile_backend", "vocab_multiple",
+    "peak_tflops",
 )
 
 
@@ -94,7 +113,15 @@ def run(args: argparse.Namespace) -> int:
         cfg = resume_settings(Path(args.out), explicit)
     else:
         cfg = TrainConfig(**explicit)
-    result = run_training(cfg, args.out, resume=args.resume, force=args.force)
+    from ..distributed import cleanup, is_main_process
+
+    try:
+        result = run_training(cfg, args.out, resume=args.resume, force=args.force)
+        main = is_main_process()  # before cleanup(), which leaves the process group
+    finally:
+        cleanup()
+    if not main:
+        return 0
     out = result.out_dir
     if result.interrupted:
         print(f"stopped at step {result.state.step}; continue with: gptlab train --out {out} --resume",
