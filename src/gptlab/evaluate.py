@@ -11,12 +11,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import UsageError
+from .model import GPTModel
 
 
 def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: torch.nn.Module, device) -> Tensor:
     """Mean next-token cross-entropy of one batch (a scalar tensor that can be backpropagated)."""
     input_batch = input_batch.to(device, non_blocking=True)
     target_batch = target_batch.to(device, non_blocking=True)
+    if type(model) is GPTModel:
+        # The LM head's loss in row chunks: the (B, T, V) logits are never allocated (gptlab.loss).
+        # Wrapped models (DDP, FSDP, torch.compile) take the plain path: their hooks run on forward().
+        return model.loss(input_batch, target_batch)
     logits = model(input_batch)
     # float32 for the softmax even under autocast: low-precision log-sum-exp over 50k logits is lossy.
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
