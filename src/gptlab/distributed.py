@@ -117,9 +117,17 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def cleanup() -> None:
-    """Leave the process group (safe to call when none was started)."""
+def cleanup(sync: bool = False) -> None:
+    """Leave the process group (safe to call when none was started).
+
+    sync: first wait for every rank (after a successful run), so no rank tears down its connections
+    while a peer is still finishing (rank 0 writes files last); gloo aborts a process whose peer
+    disappears under it. Not used on the error path, where a peer may be gone for good.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            with contextlib.suppress(Exception):
+                dist.barrier()
         dist.destroy_process_group()
 
 

@@ -115,11 +115,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(**explicit)
     from ..distributed import cleanup, is_main_process
 
+    ok = False
     try:
         result = run_training(cfg, args.out, resume=args.resume, force=args.force)
         main = is_main_process()  # before cleanup(), which leaves the process group
+        ok = True
     finally:
-        cleanup()
+        cleanup(sync=ok)
     if not main:
         return 0
     out = result.out_dir
