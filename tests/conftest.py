@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,15 @@ def assert_clean_error(proc: subprocess.CompletedProcess, code: int, *needles: s
     assert len(err_lines) == 1, proc.stderr
     for needle in needles:
         assert needle.lower() in err_lines[0].lower(), (needle, err_lines[0])
+
+
+TINY_TRAIN_MODEL = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
+                    "drop_rate": 0.1}
+
+
+def write_training_fixture(root: Path, words: list[str], n_words: int = 2500) -> Path:
+    """A seeded random-word corpus (text.txt) and a tiny model config (tiny.json) in `root`."""
+    rng = random.Random(0)
+    (root / "text.txt").write_text(" ".join(rng.choice(words) for _ in range(n_words)) + "\n", encoding="utf-8")
+    (root / "tiny.json").write_text(json.dumps(TINY_TRAIN_MODEL), encoding="utf-8")
+    return root

@@ -2,7 +2,6 @@
 SIGINT/SIGTERM and two processes on one run folder. The randomized version is bench/fault_injection.py."""
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -13,20 +12,15 @@ import pytest
 
 from gptlab.checkpoint import read_checkpoint
 
-from .conftest import SRC, assert_clean_error, run_cli
+from .conftest import SRC, assert_clean_error, run_cli, write_training_fixture
 
 ENV = {"OMP_NUM_THREADS": "1"}
-TINY = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1, "drop_rate": 0.1}
 WORDS = "the model reads every word and learns which word comes next so the loss falls step after step".split()
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash")
-    rng = random.Random(0)
-    (root / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(2500)) + "\n", encoding="utf-8")
-    (root / "tiny.json").write_text(json.dumps(TINY), encoding="utf-8")
-    return root
+    return write_training_fixture(tmp_path_factory.mktemp("crash"), WORDS)
 
 
 def train_args(root, out, *extra):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,10 +10,9 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import SRC, assert_clean_error, run_cli
+from .conftest import SRC, TINY_TRAIN_MODEL, assert_clean_error, run_cli, write_training_fixture
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-TINY = {"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1, "drop_rate": 0.1}
 WORDS = ("the model reads every word and learns which word comes next so that the loss falls while "
          "training goes on step after step over the small text").split()
 
@@ -29,11 +27,7 @@ def run_files(folder):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    rng = random.Random(0)
-    (root / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(2500)) + "\n", encoding="utf-8")
-    (root / "tiny.json").write_text(json.dumps(TINY), encoding="utf-8")
-    return root
+    return write_training_fixture(tmp_path_factory.mktemp("cli"), WORDS)
 
 
 def train_args(root, out, *extra):
@@ -61,7 +55,7 @@ def test_train_writes_a_complete_run(run_dir):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     settings = json.loads((out / "train_config.json").read_text())
     assert settings["max_steps"] == 12 and settings["batch_size"] == 4 and settings["decay_steps"] == 12
-    assert TINY.items() <= json.loads((out / "config.json").read_text()).items()
+    assert TINY_TRAIN_MODEL.items() <= json.loads((out / "config.json").read_text()).items()
     assert "Train loss" in proc.stdout and "gptlab generate --model" in proc.stdout
     assert "the model" in proc.stdout  # the sample after the run
 

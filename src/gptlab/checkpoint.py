@@ -112,6 +112,15 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
     return model.to(device)
 
 
+def check_same_config(checkpoint: dict, config: GPTConfig, what: str) -> None:
+    """Refuse a training checkpoint made for another model, naming every field that differs."""
+    saved = GPTConfig.from_dict(checkpoint["model_config"])
+    if saved != config:
+        diff = [f"{k} {v} vs {getattr(config, k)}" for k, v in saved.to_dict().items() if getattr(config, k) != v]
+        raise UsageError(f"{what} was made for another model ({', '.join(diff)} requested); "
+                         "leave out --model/--context-length/--drop-rate or use a new --out")
+
+
 # --- Training state ------------------------------------------------------------------------------
 # One file, `checkpoint.pt`, holds everything needed to continue a run exactly: weights, optimizer
 # moments, loss-scaler, counters, the data position and every RNG. It is written atomically (temp
@@ -253,12 +262,7 @@ def load_checkpoint(
     state = read_checkpoint(path)
     if model is not None:
         inner = model_of(model)
-        saved = GPTConfig.from_dict(state["model_config"])
-        if saved != inner.config:
-            diff = [f"{k} {v} vs {getattr(inner.config, k)}" for k, v in saved.to_dict().items()
-                    if getattr(inner.config, k) != v]
-            raise UsageError(f"checkpoint {path} was made for another model ({', '.join(diff)} requested); "
-                             "leave out --model/--context-length/--drop-rate or use a new --out")
+        check_same_config(state, inner.config, f"checkpoint {path}")
         load_state_into(inner, state["model"], str(path))
     if optimizer is not None:
         if state["optimizer"] is None:

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, model_of, read_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_same_config,
+    model_of,
+    read_checkpoint,
+)
 from .config import GPTConfig
 from .data import DataSplit, load_documents, make_loaders, tokenize_documents
 from .device import resolve_device
@@ -170,12 +177,7 @@ def run_training(
     seed_everything(cfg.seed)
     model = build_model(cfg)
     if checkpoint is not None:
-        saved = GPTConfig.from_dict(checkpoint["model_config"])
-        if saved != model.config:
-            diff = [f"{k} {v} vs {getattr(model.config, k)}" for k, v in saved.to_dict().items()
-                    if getattr(model.config, k) != v]
-            raise UsageError(f"checkpoint in {out} was made for another model ({', '.join(diff)} requested); "
-                             "leave out --model/--context-length/--drop-rate or start a new run")
+        check_same_config(checkpoint, model.config, f"checkpoint in {out}")
     if checkpoint is not None:
         dist_train.check_world_size(checkpoint["extra"].get("world_size", 1))
     split = prepare_data(cfg, model.config, device)
