@@ -185,6 +185,32 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_stopped_by_max_steps_then_extended_equals_one_run(tmp_path):
+    """The evaluation a run makes where --max-steps stops it must not shift a later resume's data order."""
+    model = small_model()
+    train_loader, val_loader = loaders()
+    torch.manual_seed(7)
+    full = train(model, train_loader, val_loader, **SETTINGS)
+    total = full.state.step
+    stop = 7  # not an evaluation step (1, 5, 9, ...), mid first epoch; the resume crosses two epoch ends
+    assert (stop - 1) % SETTINGS["eval_every"] and stop < math.ceil(len(train_loader) / 2)
+
+    first = small_model()
+    train_loader, val_loader = loaders()
+    torch.manual_seed(7)
+    train(first, train_loader, val_loader, out_dir=tmp_path, max_steps=stop, decay_steps=total, **SETTINGS)
+    resumed_model = small_model(seed=99)
+    train_loader, val_loader = loaders()
+    resumed = train(resumed_model, train_loader, val_loader, out_dir=tmp_path, resume=True, **SETTINGS)
+
+    def strip(records):
+        return [{k: v for k, v in m.items() if k != "elapsed_s"} for m in records if m["step"] != stop]
+
+    assert strip(resumed.metrics) == strip(full.metrics)
+    for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_checkpoint_round_trip_and_errors(tmp_path):
     model = small_model()
     opt = build_optimizer(model, TrainConfig(), torch.device("cpu"))

@@ -475,7 +475,12 @@ def train(
                 if state.batches_done:
                     sample()  # stopped by max_steps inside an epoch: still show where the model stands
                 if not state.metrics or state.metrics[-1]["step"] != state.step:
+                    # An evaluation only because the run stops here: iterating the train loader draws
+                    # from its RNG, so put that back, or a later --resume with more steps would get
+                    # other batches than a run that never stopped.
+                    loader_rng = _loader_rng(train_loader)
                     record_eval()
+                    _set_loader_rng(train_loader, loader_rng)
             save(final=True)
             state.elapsed_s = elapsed()
     finally:
