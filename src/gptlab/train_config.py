@@ -30,7 +30,7 @@ class TrainConfig:
     init: str | None = None  # start from these weights instead of random ones
     drop_rate: float | None = None  # None: the model config's
     # optimisation
-    epochs: int = 4
+    epochs: int = 8
     max_steps: int | None = None
     lr: float = 3e-3
     min_lr: float | None = None  # None: lr / 10

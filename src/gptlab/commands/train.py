@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..train_config import TrainConfig
 from .common import fraction_open, non_negative_float, non_negative_int, positive_int
 
 DEFAULTS_NOTE = "default: the main job's setting, see TrainConfig"
+_D = TrainConfig()  # the defaults shown in --help come from the one place that sets them
 
 
 def register(sub) -> None:
@@ -22,31 +24,31 @@ def register(sub) -> None:
     data.add_argument("--data", nargs="+", metavar="PATH",
                       help="text files, folders of .txt files, or corpus names (python-docs, the-verdict); "
                       "default: the built-in corpus python-docs")
-    data.add_argument("--val-fraction", type=fraction_open, help="share of tokens held out for validation (0.1)")
-    data.add_argument("--batch-size", type=positive_int, help="windows per batch (16)")
+    data.add_argument("--val-fraction", type=fraction_open, help=f"share of tokens held out for validation ({_D.val_fraction})")
+    data.add_argument("--batch-size", type=positive_int, help=f"windows per batch ({_D.batch_size})")
     data.add_argument("--context-length", type=positive_int, help="tokens per window (the model's context)")
     data.add_argument("--stride", type=positive_int, help="step between windows (the context length)")
-    data.add_argument("--num-workers", type=non_negative_int, help="data-loader worker processes (0)")
+    data.add_argument("--num-workers", type=non_negative_int, help=f"data-loader worker processes ({_D.num_workers})")
     model = p.add_argument_group("model")
     model.add_argument("--model", help="preset name or config.json (gpt-nano); random weights")
     model.add_argument("--init", metavar="PATH_OR_NAME", help="start from these weights (a model or run folder)")
     model.add_argument("--drop-rate", type=_drop_rate, help="dropout rate (the model config's)")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=positive_int, help="passes over the training data (2)")
+    opt.add_argument("--epochs", type=positive_int, help=f"passes over the training data ({_D.epochs})")
     opt.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
-    opt.add_argument("--lr", type=non_negative_float, help="peak learning rate (2e-3)")
+    opt.add_argument("--lr", type=non_negative_float, help=f"peak learning rate ({_D.lr})")
     opt.add_argument("--min-lr", type=non_negative_float, help="final learning rate of the cosine (lr/10)")
-    opt.add_argument("--warmup-steps", type=non_negative_int, help="linear warmup steps (20)")
+    opt.add_argument("--warmup-steps", type=non_negative_int, help=f"linear warmup steps ({_D.warmup_steps})")
     opt.add_argument("--lr-schedule", choices=("cosine", "constant"), help="after warmup (cosine)")
     opt.add_argument("--decay-steps", type=positive_int, help="cosine length in steps (the planned steps)")
-    opt.add_argument("--weight-decay", type=non_negative_float, help="AdamW decay on 2-D weights (0.1)")
-    opt.add_argument("--grad-clip", type=non_negative_float, help="max gradient norm, 0 disables (1.0)")
-    opt.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step (1)")
+    opt.add_argument("--weight-decay", type=non_negative_float, help=f"AdamW decay on 2-D weights ({_D.weight_decay})")
+    opt.add_argument("--grad-clip", type=non_negative_float, help=f"max gradient norm, 0 disables ({_D.grad_clip})")
+    opt.add_argument("--grad-accum", type=positive_int, help=f"micro-batches per optimizer step ({_D.grad_accum})")
     out = p.add_argument_group("evaluation and output")
-    out.add_argument("--eval-every", type=positive_int, help="evaluate every N steps (25)")
-    out.add_argument("--eval-iters", type=positive_int, help="batches per evaluation (10)")
+    out.add_argument("--eval-every", type=positive_int, help=f"evaluate every N steps ({_D.eval_every})")
+    out.add_argument("--eval-iters", type=positive_int, help=f"batches per evaluation ({_D.eval_iters})")
     out.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch ('A function'; '' for none)")
-    out.add_argument("--sample-tokens", type=positive_int, help="tokens per sample (50)")
+    out.add_argument("--sample-tokens", type=positive_int, help=f"tokens per sample ({_D.sample_tokens})")
     out.add_argument("--save-every", type=non_negative_int, help="checkpoint every N steps (0: only at the end)")
     out.add_argument("--out", metavar="DIR", help="run folder (runs/<date>-<time>)")
     out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -55,7 +57,7 @@ def register(sub) -> None:
                      help="skip up to N batches whose loss is NaN/inf instead of stopping (0)")
     out.add_argument("--quiet", action="store_true", default=None, help="no progress bar, log lines only")
     sys_ = p.add_argument_group("system")
-    sys_.add_argument("--seed", type=non_negative_int, help="random seed (123)")
+    sys_.add_argument("--seed", type=non_negative_int, help=f"random seed ({_D.seed})")
     sys_.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="where to train (auto)")
     sys_.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                       help="autocast precision (auto: bfloat16 on GPUs that support it, else float32)")
