@@ -240,6 +240,22 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_and_load_model_round_trip(tmp_path, tied):
+    from gptlab.checkpoint import load_model, save_model
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(vocab_size=VOCAB, context_length=16, tie_embeddings=tied))
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    assert not any(p.is_meta for p in loaded.parameters())
+    assert (loaded.out_head.weight is loaded.tok_emb.weight) == tied
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, VOCAB, (2, 8))
+    assert torch.equal(model.eval()(ids), loaded.eval()(ids))
+
+
 def test_rng_state_round_trip():
     import random
 

@@ -49,8 +49,12 @@ def save_model(model: GPTModel, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_state_into(model: GPTModel, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, checking every name and shape first with a clear error."""
+def load_state_into(model: GPTModel, state: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Copy `state` into `model`, checking every name and shape first with a clear error.
+
+    assign=True makes the loaded tensors the parameters instead of copying them (no second copy of
+    every weight; `model` may then live on the meta device). They are cast to the model's dtype.
+    """
     expected = model.state_dict()
     if model.config.tie_embeddings:
         expected.pop("out_head.weight", None)
@@ -70,25 +74,39 @@ def load_state_into(model: GPTModel, state: dict[str, torch.Tensor], source: str
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)} but the config expects "
                 f"{tuple(expected[name].shape)}; the weights were made for a different model size"
             )
+    if assign:
+        state = {name: t.to(expected[name].dtype) for name, t in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()  # the head must share the embedding just assigned
+        return
     with torch.no_grad():
         for name, param in model.state_dict(keep_vars=True).items():
             if name in state:
                 param.copy_(state[name])
 
 
-def expected_shapes(config: GPTConfig) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
-    """name -> shape of every tensor a model with `config` has (no memory used), and the optional names."""
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in GPTModel(config).state_dict().items()}
+def expected_shapes(
+    config: GPTConfig, model: GPTModel | None = None
+) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """name -> shape of every tensor a model with `config` has (no memory used), and the optional names.
+
+    `model`: a model of that config (e.g. on the meta device) to read them from instead of building one.
+    """
+    if model is None:
+        with torch.device("meta"):
+            model = GPTModel(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return shapes, frozenset({"out_head.weight"} if config.tie_embeddings else ())
 
 
-def read_safetensors(path: str | os.PathLike, config: GPTConfig | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: str | os.PathLike, config: GPTConfig | None = None, model: GPTModel | None = None
+) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; with `config`, the header is checked against it before reading."""
     from .safety import inspect_safetensors
 
     if config is not None:
-        inspect_safetensors(path, *expected_shapes(config))
+        inspect_safetensors(path, *expected_shapes(config, model))
     try:
         return load_file(str(path))
     except FileNotFoundError:
@@ -104,11 +122,10 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
         if not (folder / name).is_file():
             raise UsageError(f"{folder} is not a gptlab model folder: {name} is missing")
     config = GPTConfig.load(folder / CONFIG_NAME)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory and no random init for weights that are replaced anyway
         model = GPTModel(config)
-    model = model.to_empty(device="cpu")
-    model.tie_weights()  # to_empty() gives each module its own fresh tensor, which unties the head
-    load_state_into(model, read_safetensors(folder / WEIGHTS_NAME, config), str(folder / WEIGHTS_NAME))
+    state = read_safetensors(folder / WEIGHTS_NAME, config, model)
+    load_state_into(model, state, str(folder / WEIGHTS_NAME), assign=True)
     return model.to(device)
 
 

@@ -141,7 +141,8 @@ class GPTModel(nn.Module):
         self.final_norm = nn.LayerNorm(config.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(config.emb_dim, V, bias=False)
         self.tie_weights()
-        self.reset_parameters()
+        if not self.tok_emb.weight.is_meta:  # a meta model (shapes only, weights loaded later) skips it
+            self.reset_parameters()
 
     def tie_weights(self) -> None:
         """Share the token embedding with the LM head when the config asks for it (GPT-2's choice)."""
