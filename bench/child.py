@@ -58,6 +58,9 @@ def run_generate(spec: dict, contestant) -> dict:
     else:
         model = contestant.build(shape, dtype, False)
     model.eval()
+    # what each contestant's own generate command does to a model before decoding (gptlab generate:
+    # prepare_for_decoding); peers have no such step
+    model = getattr(contestant, "for_decoding", lambda m: m)(model)
     idx = seeded_tokens(shape, spec["batch"], spec["prompt"])
     n = spec["new_tokens"]
     out = contestant.generate(model, idx, min(8, n), spec["cache"])  # warm-up also checks the length

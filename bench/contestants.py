@@ -86,6 +86,12 @@ class Gptlab:
         return GPTModel(cfg).to(dtype)
 
     @staticmethod
+    def for_decoding(model):
+        from gptlab.generate import prepare_for_decoding
+
+        return prepare_for_decoding(model)  # as `gptlab generate` does: float32 weights stored column-major
+
+    @staticmethod
     def generate(model, idx, new_tokens: int, use_cache: bool):
         from gptlab.generate import generate
 

@@ -292,6 +292,8 @@ def test_prepare_for_decoding_changes_layout_not_results(tmp_path):
     assert prepare_for_decoding(model) is model
     w = model.trf_blocks[0].att.qkv.weight
     assert w.shape == (96, 32) and w.stride() == (1, 96)  # column-major now
+    down = model.trf_blocks[0].ff.proj.weight  # narrower output than input: keeps its rows
+    assert down.shape == (32, 128) and down.is_contiguous()
     assert model.out_head.weight is model.tok_emb.weight  # still tied
     torch.testing.assert_close(model(idx), before, atol=1e-4, rtol=1e-5)
     assert torch.equal(generate(model, idx, 12), greedy)
