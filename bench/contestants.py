@@ -89,7 +89,9 @@ class Gptlab:
     def for_decoding(model):
         from gptlab.generate import prepare_for_decoding
 
-        return prepare_for_decoding(model)  # as `gptlab generate` does: float32 weights stored column-major
+        # as `gptlab generate --compile` does: compiled matrix-vector products for batch-1 steps (the
+        # one-time compile happens in the warm-up run, not in the timed ones); batches use F.linear
+        return prepare_for_decoding(model, compile=True)
 
     @staticmethod
     def generate(model, idx, new_tokens: int, use_cache: bool):

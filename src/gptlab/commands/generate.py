@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 from .common import (
     add_device_arg,
@@ -51,6 +52,9 @@ def register(sub) -> None:
     p.add_argument("--context-size", type=positive_int, default=None,
                    help="tokens the model sees (default and maximum: the model's context_length)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU, one sample: torch.compile the matrix-vector products (1.4-1.8x faster decoding "
+                   "after a one-time compile of ~3-12 s; worth it for long outputs)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--verbose", action="store_true", help="report tokens/s on stderr")
     add_device_arg(p)
@@ -77,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
 
     device = pick_device(args, quiet=not args.verbose)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model = prepare_for_decoding(load_model_arg(args.model, device, dtype=dtype))
+    with warnings.catch_warnings(record=True) as caught:  # one plain line each, not Python's warning format
+        warnings.simplefilter("always")
+        model = prepare_for_decoding(load_model_arg(args.model, device, dtype=dtype), compile=args.compile)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     config = model.config
     window = args.context_size or config.context_length
     if window > config.context_length:
