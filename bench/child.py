@@ -71,7 +71,13 @@ def run_generate(spec: dict, contestant) -> dict:
     return dict(times=times, values=[spec["batch"] * n / t for t in times], unit="tok/s")
 
 
+def process_setup(contestant) -> None:
+    """What the contestant's own train/eval command does to its process first (gptlab: keep_freed_memory)."""
+    getattr(contestant, "process_setup", lambda: None)()
+
+
 def run_train(spec: dict, contestant) -> dict:
+    process_setup(contestant)
     shape = job_shape(spec)
     model = contestant.build(shape, torch.float32, True)
     model.train()
@@ -84,6 +90,7 @@ def run_train(spec: dict, contestant) -> dict:
 
 
 def run_eval(spec: dict, contestant) -> dict:
+    process_setup(contestant)
     shape = job_shape(spec)
     model = contestant.build(shape, DTYPES[spec["dtype"]], False)
     model.eval()

@@ -86,6 +86,12 @@ class Gptlab:
         return GPTModel(cfg).to(dtype)
 
     @staticmethod
+    def process_setup() -> None:
+        from gptlab.speed import keep_freed_memory
+
+        keep_freed_memory()  # as gptlab train / gptlab eval do on CPU: glibc keeps freed memory
+
+    @staticmethod
     def for_decoding(model):
         from gptlab.generate import prepare_for_decoding
 

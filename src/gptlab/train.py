@@ -40,7 +40,7 @@ from .distributed import all_reduce_mean, get_world_size, gradient_sync, is_main
 from .errors import UsageError
 from .evaluate import calc_loss_batch, calc_loss_loader
 from .fileio import atomic_open
-from .speed import flops_per_token, peak_tflops
+from .speed import flops_per_token, keep_freed_memory, peak_tflops
 from .train_config import DTYPE_CHOICES, LR_SCHEDULES, TrainConfig, TrainResult, TrainState
 
 __all__ = ["DTYPE_CHOICES", "LR_SCHEDULES", "TrainConfig", "TrainResult", "TrainState", "train"]
@@ -377,6 +377,8 @@ def train(
     if len(train_loader) == 0:
         raise UsageError("the training loader has no batches; give more data or a smaller batch size")
     model.to(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for the activations every step re-allocates (gptlab.speed)
     optimizer = optimizer or build_optimizer(model, cfg, device)
     precision = make_precision(cfg.dtype, device)
     n_batches = len(train_loader)

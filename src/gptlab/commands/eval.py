@@ -44,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         if ids is None:
             ids = tokenize_documents(load_documents(args.data))
     device = pick_device(args, quiet=args.json)
+    if device.type == "cpu":
+        from ..speed import keep_freed_memory
+
+        keep_freed_memory()  # scoring many windows re-allocates the same activations (gptlab.speed)
     model = load_model_arg(args.model, device)
     result = score_tokens(model, ids, device=device, context_length=args.context_length, stride=args.stride,
                           batch_size=args.batch_size)
