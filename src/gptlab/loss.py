@@ -37,17 +37,16 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, ig
     count = (targets != ignore_index).sum()
     grad_h = torch.empty_like(hidden) if want_grad else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
-    # float32: accumulate the head's gradient chunk by chunk in place. Lower precision: keep the
-    # (V, N) low-precision softmax grads and do one matmul at the end, so grad_w is rounded once.
-    in_place = dtype == torch.float32
-    N = hidden.shape[0]
+    # float32 accumulates the head's gradient chunk by chunk in place; lower precision keeps the
+    # (V, N) low-precision softmax grads and does one matmul at the end, so grad_w is rounded once.
     # Every chunk's logits are handled as a (V, rows) view. float32 stores them that way, computing
     # W @ h.T: MKL ran that GEMM at 183 GFLOP/s against 140 for h @ W.T on the dev CPU (gpt2-small
     # head, 1024 rows). oneDNN's bfloat16 GEMM is faster the other way round (0.12 vs 0.15 s per 512
     # rows), so lower precision stores (rows, V) and works on its transpose: the same code below.
-    transposed = dtype == torch.float32
+    float32 = dtype == torch.float32
+    N = hidden.shape[0]
     probs_all = None
-    if want_grad and not in_place:
+    if want_grad and not float32:
         probs_all = torch.empty(N, vocab_size, dtype=dtype, device=hidden.device).t()
     # One float32 buffer holds each chunk's logits, then (in place) their softmax and its gradient:
     # allocated once per call instead of three fresh tensors per chunk, each of which would be
@@ -59,7 +58,7 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, ig
         n = h.shape[0]
         keep = t != ignore_index
         safe_t = torch.where(keep, t, 0)[None, :]
-        if transposed:
+        if float32:
             logits = buf[: vocab_size * n].view(vocab_size, n)  # column j: the logits of row start + j
             torch.mm(w, h.t(), out=logits)
         else:
@@ -83,7 +82,7 @@ def _chunks(hidden: Tensor, weight: Tensor, targets: Tensor, vocab_size: int, ig
             torch.mm(p.t(), w, out=grad_h[rows])
         else:
             grad_h[rows] = p.t() @ w
-        if in_place:
+        if float32:
             grad_w[:vocab_size].addmm_(p, h)
         else:
             probs_all[:, rows] = p
