@@ -141,6 +141,8 @@ class GPTModel(nn.Module):
         self.final_norm = nn.LayerNorm(config.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(config.emb_dim, V, bias=False)
         self.tie_weights()
+        # Set by prepare_for_decoding(compile=True): batch-1 decoding steps as one compiled graph.
+        self.compiled_decoder = None
         if not self.tok_emb.weight.is_meta:  # a meta model (shapes only, weights loaded later) skips it
             self.reset_parameters()
 
@@ -200,6 +202,9 @@ class GPTModel(nn.Module):
                 f"input of {start + T} tokens is longer than the model's context of {limit}; "
                 "crop it to the last context_length tokens"
             )
+        if position_ids is None and attention_mask is None and self.compiled_decoder is not None:
+            if self.compiled_decoder.applies(self, idx, kv_cache):
+                return self.compiled_decoder(self, idx, kv_cache)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(position_ids))
