@@ -179,7 +179,7 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
         return 0
     offset = 0
     with torch.no_grad():
-        for p, size in zip(params, sizes):
+        for p, size in zip(params, sizes, strict=True):
             nbytes = p.numel() * p.element_size()
             slot = block[offset : offset + nbytes].view(p.dtype).as_strided(p.shape, p.stride())
             slot.copy_(p.data)
