@@ -5,9 +5,10 @@
 gpt2-small with random weights (speed does not depend on their values), a 16-token prompt, greedy.
 Contestants run alternately inside each repeat, so a machine shared with other work slows them
 alike; medians and ratios are printed as one JSON object on stdout. `bound_tokens_per_s` is the
-machine's memory-bandwidth limit for reading every weight once per token (bandwidth measured in
-the same run, after each repeat of the contestants: it drifts), and `fraction_of_bound` how close
-the best KV-cache path gets to it.
+machine's memory-bandwidth limit for reading every weight once per token (bandwidth measured just
+before and after every timed run: it drifts), `fraction_of_bound` how close the best KV-cache path
+gets to the median bound, and `compiled_fraction_of_bound_paired` each `--compile` run against the
+bound measured around that run.
 """
 
 from __future__ import annotations
@@ -30,22 +31,29 @@ from gptlab.speed import huge_page_buffer  # noqa: E402
 PROMPT_LEN = 16
 
 
-def read_bandwidth(n_bytes: int, repeats: int = 5, huge_pages: bool = True) -> float:
-    """Bytes/s of reading a tensor of `n_bytes` (median over repeats), as decoding reads the weights.
+class Bandwidth:
+    """The machine's read bandwidth, measured by summing a tensor as large as the weights.
 
-    huge_pages: the tensor lives in 2 MiB pages where Linux allows it, which read faster here than
-    the default 4 KiB pages (gptlab.speed.move_weights_to_huge_pages): the machine's best, the bound.
+    The tensor lives in 2 MiB pages where Linux allows it (gptlab.speed.huge_page_buffer), which
+    read faster here than the default 4 KiB pages: the machine's best, so the bound. It is
+    allocated and touched once and measured again around each timed run, because this VM's
+    bandwidth drifts between ~35 and ~65 GB/s from one minute to the next.
     """
-    block = huge_page_buffer(n_bytes // 4 * 4) if huge_pages else None
-    x = block.view(torch.float32) if block is not None else torch.empty(n_bytes // 4, dtype=torch.float32)
-    x.fill_(1.0)
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t)
-    return n_bytes / statistics.median(times)
+
+    def __init__(self, n_bytes: int, huge_pages: bool = True) -> None:
+        block = huge_page_buffer(n_bytes // 4 * 4) if huge_pages else None
+        self.x = block.view(torch.float32) if block is not None else torch.empty(n_bytes // 4)
+        self.x.fill_(1.0)
+        self.n_bytes = self.x.numel() * 4
+
+    def measure(self, repeats: int = 3) -> float:
+        """Bytes/s, median over `repeats` reads."""
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            self.x.sum()
+            times.append(time.perf_counter() - t)
+        return self.n_bytes / statistics.median(times)
 
 
 def hf_model(model: GPTModel, dtype: torch.dtype):
@@ -119,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
         "weight_bytes": weight_bytes, "compile_s": round(compile_s, 1), "runs": {},
     }
-    bandwidth = read_bandwidth(weight_bytes)
+    probe, probe_4k = Bandwidth(weight_bytes), Bandwidth(weight_bytes, huge_pages=False)
+    bandwidth = probe.measure(5)
     results["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     results["bound_tokens_per_s"] = round(bandwidth / weight_bytes, 1)
     for fn in contestants(model, prompt, 4, args).values():  # warm-up (allocator, kernels); not timed
@@ -127,16 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     for n_new in [int(x) for x in args.new_tokens.split(",")]:
         runs = contestants(model, prompt, n_new, args)
         times: dict[str, list[float]] = {name: [] for name in runs}
-        bandwidths, small_pages = [], []
+        bandwidths, small_pages, fractions = [], [], []
         for _ in range(args.repeats):
             for name, fn in runs.items():  # alternate, so background load hits everyone alike
+                before = probe.measure()
                 t = time.perf_counter()
                 made = fn()
                 times[name].append(made / (time.perf_counter() - t))
-            # the machine's read bandwidth drifts (27-44 GB/s over a day here): measure the bound
-            # between the contestants, not once for the whole run
-            bandwidths.append(read_bandwidth(weight_bytes, repeats=3))
-            small_pages.append(read_bandwidth(weight_bytes, repeats=3, huge_pages=False))
+                # the bound for this very run: the bandwidth just before and just after it
+                bound_now = (before + probe.measure()) / 2 / weight_bytes
+                if name == "gptlab_kv_compiled":
+                    fractions.append(times[name][-1] / bound_now)
+                bandwidths.append(bound_now * weight_bytes)
+            small_pages.append(probe_4k.measure())
         bound = statistics.median(bandwidths) / weight_bytes
         med = {name: statistics.median(v) for name, v in times.items()}
         entry = {name: {"tokens_per_s_median": round(m, 2), "all": [round(x, 2) for x in times[name]]}
@@ -153,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         entry["read_bandwidth_4k_pages_gb_s"] = round(statistics.median(small_pages) / 1e9, 2)
         entry["bound_tokens_per_s"] = round(bound, 1)
         entry["fraction_of_bound"] = round(best / bound, 3)
+        # each --compile run against the bandwidth measured around it (robust to the drift)
+        entry["compiled_fraction_of_bound_paired"] = [round(f, 3) for f in fractions]
+        entry["compiled_fraction_of_bound_paired_median"] = round(statistics.median(fractions), 3)
         results["runs"][str(n_new)] = entry
         print(f"{n_new} new tokens: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in med.items()), file=sys.stderr)
     print(json.dumps(results, indent=2))

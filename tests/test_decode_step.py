@@ -145,3 +145,26 @@ def test_cli_compile_gives_the_same_greedy_tokens(tmp_path):
     assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr
     tokens = [json.loads(p.stdout)["completions"][0]["token_ids"] for p in (plain, compiled)]
     assert tokens[0] == tokens[1] and len(tokens[0]) == 12
+
+
+def test_each_model_keeps_its_own_graph_and_dtype_changes_go_eager():
+    """Guards on the model are skipped (CompiledDecoder): graphs must never be shared between models."""
+    eager2, compiled2 = pair(seed=6)
+    eager3 = GPTModel(tiny_config(qkv_bias=False, vocab_multiple=64)).eval()  # same cache shapes, other weights
+    compiled3 = GPTModel(eager3.config).eval()
+    compiled3.load_state_dict(eager3.state_dict())
+    assert use_compiled_decoding(compiled3)  # compiling works here (pair did): this one must too
+    caches = {id(m): m.make_kv_cache(1) for m in (eager2, compiled2, eager3, compiled3)}
+    with torch.inference_mode():
+        for ids in (torch.tensor([[1, 2]]), torch.tensor([[3]]), torch.tensor([[4]])):
+            for eager, compiled in ((eager2, compiled2), (eager3, compiled3)):  # alternate models
+                a = eager(ids, kv_cache=caches[id(eager)])
+                b = compiled(ids, kv_cache=caches[id(compiled)])
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+        calls = count_steps(compiled2)
+        eager2.to(torch.bfloat16), compiled2.to(torch.bfloat16)
+        cache_e, cache_c = eager2.make_kv_cache(1), compiled2.make_kv_cache(1)
+        eager2(torch.tensor([[1, 2]]), kv_cache=cache_e), compiled2(torch.tensor([[1, 2]]), kv_cache=cache_c)
+        a = eager2(torch.tensor([[3]]), kv_cache=cache_e)
+        b = compiled2(torch.tensor([[3]]), kv_cache=cache_c)
+    assert calls == [] and torch.equal(a, b)  # bfloat16 now: the float32 graph stays out of it
