@@ -145,6 +145,9 @@ def test_cli_compile_gives_the_same_greedy_tokens(tmp_path):
     assert plain.returncode == 0 and compiled.returncode == 0, compiled.stderr
     tokens = [json.loads(p.stdout)["completions"][0]["token_ids"] for p in (plain, compiled)]
     assert tokens[0] == tokens[1] and len(tokens[0]) == 12
+    batch = run_cli(*args, "--compile", "--num-samples", "2")  # batches decode eagerly: no compile for nothing
+    assert batch.returncode == 0 and "--compile speeds up one sample" in batch.stderr
+    assert len(json.loads(batch.stdout)["completions"]) == 2
 
 
 def test_each_model_keeps_its_own_graph_and_dtype_changes_go_eager():
