@@ -95,7 +95,7 @@ class Gptlab:
     def for_decoding(model):
         from gptlab.generate import prepare_for_decoding
 
-        # as `gptlab generate --compile` does: compiled matrix-vector products for batch-1 steps (the
+        # as `gptlab generate --compile` does: each batch-1 step one compiled graph, weights in 2 MiB pages (the
         # one-time compile happens in the warm-up run, not in the timed ones); batches use F.linear
         return prepare_for_decoding(model, compile=True)
 
