@@ -20,9 +20,9 @@ at every write (step time grew with the length); through per-layer views it writ
 Activations stay in float32 (bfloat16 weights are widened inside the product and the cache holds
 the model's dtype), so bfloat16 results are closer to float32 than the eager bfloat16 path's.
 
-Cost: one compile per model (about 14 s on 2 cores cold, a few seconds once inductor's on-disk cache
-holds it), done by `prepare_for_decoding`. Where torch.compile cannot run (no C++ compiler), it warns
-and the model decodes eagerly.
+Cost: one compile per model, done by `prepare_for_decoding`: ~50 s the first time on a machine (2
+cores, gpt2-small), 12-14 s once inductor's on-disk cache holds the kernel. Where torch.compile
+cannot run (no C++ compiler), it warns and the model decodes eagerly.
 """
 
 from __future__ import annotations

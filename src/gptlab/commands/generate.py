@@ -53,8 +53,9 @@ def register(sub) -> None:
                    help="tokens the model sees (default and maximum: the model's context_length)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
     p.add_argument("--compile", action="store_true",
-                   help="CPU, one sample: each token's step as one torch.compile'd graph (~1.7x faster float32 "
-                   "decoding, ~2.5x bfloat16, after a one-time compile of ~4-14 s; worth it for long outputs)")
+                   help="CPU, one sample: each token's step as one torch.compile'd graph (1.7-1.9x faster "
+                   "float32 decoding, 2.3-3.1x bfloat16, after a one-time compile of ~50 s the first time, "
+                   "12-14 s later; worth it for long outputs)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--verbose", action="store_true", help="report tokens/s on stderr")
     add_device_arg(p)
