@@ -160,7 +160,7 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
 
     Batch-1 decoding reads every weight once per token. With the kernel's default 4 KiB pages that
     is ~120k pages (gpt2-small, float32) per token, and TLB misses cap the read speed: on the
-    development VM a matrix-vector product read 24-27 GB/s from 4 KiB pages and 34-38 GB/s from
+    development VM a matrix-vector product read 23-26 GB/s from 4 KiB pages and 31-38 GB/s from
     2 MiB pages, the same code and bytes (bench/README.md). Values, shapes, strides and tied
     weights stay as they were; only where the bytes live changes. Parameters that are not dense
     (views with gaps) stay where they are.
