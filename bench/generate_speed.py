@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
+from bench.limits import read_probe  # noqa: E402
 from gptlab import GPTModel, generate, get_preset, prepare_for_decoding  # noqa: E402
-from gptlab.speed import huge_page_buffer  # noqa: E402
 
 PROMPT_LEN = 16
 
@@ -35,16 +36,13 @@ PROMPT_LEN = 16
 class Bandwidth:
     """The machine's read bandwidth, measured by summing a tensor as large as the weights.
 
-    The tensor lives in 2 MiB pages where Linux allows it (gptlab.speed.huge_page_buffer), which
-    read faster here than the default 4 KiB pages: the machine's best, so the bound. It is
-    allocated and touched once and measured again around each timed run, because this VM's
+    The tensor lives in 2 MiB pages where Linux allows it (bench.limits.read_probe): the machine's
+    best, so the bound. It is allocated and touched once and measured again around each timed run, because this VM's
     bandwidth drifts between ~35 and ~65 GB/s from one minute to the next.
     """
 
     def __init__(self, n_bytes: int, huge_pages: bool = True) -> None:
-        block = huge_page_buffer(n_bytes // 4 * 4) if huge_pages else None
-        self.x = block.view(torch.float32) if block is not None else torch.empty(n_bytes // 4)
-        self.x.fill_(1.0)
+        self.x = read_probe(n_bytes, huge_pages)
         self.n_bytes = self.x.numel() * 4
 
     def measure(self, repeats: int = 3) -> float:

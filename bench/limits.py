@@ -31,15 +31,20 @@ def matmul_gflops(dtype: torch.dtype, n: int, repeats: int) -> float:
     return best_rate(lambda: torch.matmul(a, b, out=out), 2 * n**3, repeats) / 1e9
 
 
-def read_bandwidth_gbs(mbytes: int, repeats: int) -> float:
-    """GB/s of a full reduction over a float32 tensor much larger than the caches (pure streaming read).
+def read_probe(n_bytes: int, huge_pages: bool = True) -> torch.Tensor:
+    """A float32 tensor of ones, about `n_bytes` large, to measure reading speed by summing it.
 
-    The tensor is in 2 MiB pages where Linux allows it: they read faster than 4 KiB pages here (up
-    to ~1.4x), and gptlab's decoding keeps its weights there, so that is the machine's real limit.
+    huge_pages: in 2 MiB pages where Linux allows it. They read faster than 4 KiB pages here (up to
+    ~1.4x), and gptlab's decoding keeps its weights there, so that is the machine's real limit.
     """
-    block = huge_page_buffer(mbytes * 2**20)
-    x = block.view(torch.float32) if block is not None else torch.empty(mbytes * 2**20 // 4)
-    x.fill_(1.0)
+    block = huge_page_buffer(n_bytes // 4 * 4) if huge_pages else None
+    x = block.view(torch.float32) if block is not None else torch.empty(n_bytes // 4)
+    return x.fill_(1.0)
+
+
+def read_bandwidth_gbs(mbytes: int, repeats: int) -> float:
+    """GB/s of a full reduction over a float32 tensor much larger than the caches (pure streaming read)."""
+    x = read_probe(mbytes * 2**20)
     return best_rate(lambda: x.sum(), x.numel() * 4, repeats) / 1e9
 
 

@@ -320,9 +320,8 @@ def prepare_for_decoding(model: GPTModel, compile: bool = False) -> GPTModel:
     compile=True: each batch-1 single-token step on CPU runs as one torch.compile'd graph
     (gptlab.decode_step): 1.7-1.9x the eager path's speed in float32, 2.3-3.1x in bfloat16, after a
     one-time compile done here (~50 s the first time on a 2-core machine, 12-14 s from inductor's
-    disk cache). Prompts, batches, training and
-    other devices keep the eager forward. If torch.compile cannot run here, it warns and falls back
-    to the eager layout below.
+    disk cache). Prompts, batches, training and other devices keep the eager forward. If
+    torch.compile cannot run here, it warns and falls back to the eager layout below.
 
     Eager (default): float32 CPU Linear weights are stored column-major in place. One token at a
     time, every Linear is a matrix-vector product that reads its whole weight. On

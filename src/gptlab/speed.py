@@ -165,13 +165,10 @@ def move_weights_to_huge_pages(model: nn.Module) -> int:
     weights stay as they were; only where the bytes live changes. Parameters that are not dense
     (views with gaps) stay where they are.
     """
-    params, seen = [], set()
-    for p in model.parameters():
-        if id(p) in seen or p.device.type != "cpu" or p.is_meta:
-            continue
-        seen.add(id(p))
+    params = []
+    for p in model.parameters():  # a tied weight comes once
         dense = p.is_contiguous() or (p.dim() == 2 and p.t().is_contiguous())
-        if dense and p.numel():
+        if p.device.type == "cpu" and not p.is_meta and dense and p.numel():
             params.append(p)
     sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]  # 64-byte aligned slots
     block = huge_page_buffer(sum(sizes))
