@@ -95,8 +95,8 @@ class Gptlab:
     def for_decoding(model):
         from gptlab.generate import prepare_for_decoding
 
-        # as `gptlab generate --compile` does: each batch-1 step one compiled graph, weights in 2 MiB pages (the
-        # one-time compile happens in the warm-up run, not in the timed ones); batches use F.linear
+        # as `gptlab generate --compile` does: each batch-1 step in the C kernel over repacked weights (built
+        # or loaded from its cache here, not in the timed runs); batches keep the eager forward
         return prepare_for_decoding(model, compile=True)
 
     @staticmethod

@@ -94,7 +94,7 @@ def contestants(model: GPTModel, prompt: torch.Tensor, n_new: int, args) -> dict
     }
     if args.prepared is not None:  # the same weights, stored column-major (what `gptlab generate` runs)
         runs["gptlab_kv_prepared"] = lambda: generate(args.prepared, prompt, n_new).shape[1] - PROMPT_LEN
-    if args.compiled is not None:  # one compiled graph per step (`gptlab generate --compile`)
+    if args.compiled is not None:  # the C decoding kernel (`gptlab generate --compile`)
         runs["gptlab_kv_compiled"] = lambda: generate(args.compiled, prompt, n_new).shape[1] - PROMPT_LEN
     if n_new <= args.no_cache_max:
         runs["gptlab_no_cache"] = lambda: generate(model, prompt, n_new, use_cache=False).shape[1] - PROMPT_LEN
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args.compiled.load_state_dict(model.state_dict())
     compile_start = time.perf_counter()
     prepare_for_decoding(args.compiled, compile=True)
-    generate(args.compiled, prompt, 2)  # compiles the decode step (prepare_for_decoding did) and warms it
+    generate(args.compiled, prompt, 2)  # builds/loads the kernel (prepare_for_decoding did) and warms it
     compile_s = time.perf_counter() - compile_start
     results: dict = {
         "model": "gpt2-small (random weights)", "dtype": args.dtype, "batch": 1, "prompt_tokens": PROMPT_LEN,
