@@ -39,7 +39,8 @@ from .speed import huge_page_buffer
 
 ROWS_PER_BLOCK = 64  # RB in csrc/decode.c
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-VARIANTS = {torch.float32: ("f32", []), torch.bfloat16: ("bf16", ["-DWEIGHTS_BF16"])}
+VARIANTS = {"f32": [], "bf16": ["-DWEIGHTS_BF16"]}  # the kernel built once per weight dtype
+VARIANT_OF = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 _PTR = ctypes.c_void_p
 
@@ -78,7 +79,7 @@ def build(variant: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    flags = FLAGS + VARIANTS[{"f32": torch.float32, "bf16": torch.bfloat16}[variant]][1]
+    flags = FLAGS + VARIANTS[variant]
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_name().encode()]))
     target = _cache_dir() / f"decode-{variant}-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -122,25 +123,25 @@ class KernelDecoder:
 
     It keeps a packed copy of the weights, refreshed when a parameter has changed since (an optimizer
     step, load_state_dict, assigning `.data`: checked at every step). A module given a new Parameter
-    object is not noticed: call prepare_for_decoding again after that.
+    object is not noticed: call prepare_for_decoding again after that. One decoding at a time per
+    model: the work buffers are the decoder's own.
     """
 
     def __init__(self, model: GPTModel) -> None:
         weight = model.tok_emb.weight
         self.dtype, self.device = weight.dtype, weight.device
-        variant = VARIANTS[self.dtype][0]
+        variant = VARIANT_OF[self.dtype]
         lib = ctypes.CDLL(str(build(variant)))
         self.step = getattr(lib, f"decode_step_{variant}")
         self.step.restype = None
         self.step.argtypes = [ctypes.POINTER(_Model), ctypes.c_long, ctypes.c_long, _PTR, _PTR, ctypes.c_long]
-        self.fingerprint = None
-        self.pack(model)
+        self.refresh(model)
 
     def _fingerprint(self) -> list[tuple[int, int]]:
         """Changes when a parameter is updated in place (its version) or replaced (its storage): ~20 us."""
         return [(p.data_ptr(), p._version) for p in self.params]
 
-    def pack(self, model: GPTModel) -> None:
+    def refresh(self, model: GPTModel) -> None:
         """(Re)build the packed weights and the C-side description of the model."""
         cfg, dt = model.config, self.dtype
         C, hidden, vocab_rows = cfg.emb_dim, 4 * cfg.emb_dim, model.out_head.weight.shape[0]
@@ -180,10 +181,12 @@ class KernelDecoder:
         self.layers = layers
         self.tables = tuple(t.weight.detach().to(dt).contiguous() for t in (model.tok_emb, model.pos_emb))
         self.desc = _Model(
-            cfg.n_layers, C, cfg.n_heads, cfg.head_dim, hidden, vocab_rows, 1, model.final_norm.eps,
-            self.tables[0].data_ptr(), self.tables[1].data_ptr(),
-            ptr(vec(model.final_norm.weight)), ptr(vec(model.final_norm.bias)), self.packed[-1].data_ptr(),
-            ctypes.addressof(layers), *(t.data_ptr() for t in self.buffers), None,
+            n_layers=cfg.n_layers, emb=C, n_heads=cfg.n_heads, head_dim=cfg.head_dim, hidden=hidden,
+            vocab_rows=vocab_rows, n_threads=1, eps=model.final_norm.eps,
+            tok_emb=self.tables[0].data_ptr(), pos_emb=self.tables[1].data_ptr(),
+            lnf_w=ptr(vec(model.final_norm.weight)), lnf_b=ptr(vec(model.final_norm.bias)),
+            head=self.packed[-1].data_ptr(), layers=ctypes.addressof(layers),
+            **{name: t.data_ptr() for name, t in zip(("x", "qkv", "att", "h", "logits"), self.buffers, strict=True)},
         )
         self.vocab_size = cfg.vocab_size
         self.context = cfg.context_length
@@ -203,7 +206,7 @@ class KernelDecoder:
     def __call__(self, model: GPTModel, idx: Tensor, kv_cache: KVCache) -> Tensor:
         """Logits (1, 1, vocab_size) in the model's dtype; appends this token's keys/values to the cache."""
         if self._fingerprint() != self.fingerprint:
-            self.pack(model)
+            self.refresh(model)
         token = int(idx)
         if not 0 <= token < self.desc.vocab_rows:  # the eager path raises on this too (embedding lookup)
             raise IndexError(f"token id {token} is outside the vocabulary (0..{self.desc.vocab_rows - 1})")
@@ -224,7 +227,7 @@ def use_kernel_decoding(model: GPTModel) -> bool:
     here rather than in the middle of a generation.
     """
     weight = model.tok_emb.weight
-    if weight.device.type != "cpu" or weight.dtype not in VARIANTS or (weight.dtype == torch.bfloat16 and model.config.emb_dim % 2):
+    if weight.device.type != "cpu" or weight.dtype not in VARIANT_OF or (weight.dtype == torch.bfloat16 and model.config.emb_dim % 2):
         what = f"{weight.dtype} weights on {weight.device.type}, emb_dim {model.config.emb_dim}"
         warnings.warn(f"the C decoding kernel serves float32 and bfloat16 (even emb_dim) models on CPU, not {what}; "
                       "decoding stays eager", stacklevel=2)
