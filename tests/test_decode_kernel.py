@@ -57,10 +57,30 @@ def test_kernel_steps_match_eager_logits_and_cache():
     a, b, cache_e, cache_f = run_both(eager, fast, [[5, 17, 300, 2, 9], [42], [7], [50256]], max_len=12)
     assert b.shape == a.shape == (1, 1, 50257) and b.dtype == a.dtype
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
-    assert len(calls) == 3  # the prompt went through the eager forward, each single token through the kernel
+    assert len(calls) == 4  # the prompt and each single token went through the kernel
     assert cache_f.length == cache_e.length == 8
     torch.testing.assert_close(cache_f.k, cache_e.k, atol=1e-5, rtol=1e-4)  # only the 8 filled slots are non-zero
     torch.testing.assert_close(cache_f.v, cache_e.v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompts_through_the_kernel(dtype, monkeypatch):
+    """Several tokens per call (a prompt, or a chunk after cached ones), causal within the call."""
+    eager, fast = pair(dtype, seed=11)
+    calls = count_steps(fast)
+    chunks = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]  # groups of 4 and tails
+    a, b, cache_e, cache_f = run_both(eager, fast, chunks)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    torch.testing.assert_close(b.float(), a.float(), **tol)
+    torch.testing.assert_close(cache_f.k.float(), cache_e.k.float(), **tol)
+    torch.testing.assert_close(cache_f.v.float(), cache_e.v.float(), **tol)
+    assert len(calls) == 4 and cache_f.length == 20
+    with torch.inference_mode():  # all positions' logits asked for: the eager forward
+        full = fast(torch.tensor([[1, 2, 3]]), kv_cache=fast.make_kv_cache(1))
+    assert full.shape == (1, 3, 50257) and len(calls) == 4
+    monkeypatch.setattr(kernel, "MAX_TOKENS", 4)  # longer prompts than this take the eager GEMMs
+    run_both(eager, fast, [[1, 2, 3, 4, 5], [6, 7, 8, 9]])
+    assert len(calls) == 5
 
 
 def test_kernel_generate_equals_eager_across_the_window():

@@ -203,7 +203,7 @@ class GPTModel(nn.Module):
                 "crop it to the last context_length tokens"
             )
         if position_ids is None and attention_mask is None and self.compiled_decoder is not None:
-            if self.compiled_decoder.applies(self, idx, kv_cache):
+            if self.compiled_decoder.applies(self, idx, kv_cache, last_only):
                 return self.compiled_decoder(self, idx, kv_cache)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)
