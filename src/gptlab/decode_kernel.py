@@ -124,7 +124,7 @@ def _padded(n: int) -> int:
 
 
 class KernelDecoder:
-    """GPTModel.forward hands it batch-1 single-token steps with a KV cache (see `applies`).
+    """GPTModel.forward hands it batch-1 steps with a KV cache: single tokens and short prompts (see `applies`).
 
     It keeps a packed copy of the weights, refreshed when a parameter has changed since (an optimizer
     step, load_state_dict, assigning `.data`: checked at every step). A module given a new Parameter
@@ -206,7 +206,7 @@ class KernelDecoder:
         T = idx.shape[-1]
         return (
             kv_cache is not None and idx.dim() == 2 and idx.shape[0] == 1 and kv_cache.batch_size == 1
-            and (T == 1 or (last_only and 1 < T <= MAX_TOKENS)) and kv_cache.valid is None
+            and (T == 1 or (last_only and 1 < T <= min(MAX_TOKENS, self.desc.max_tokens))) and kv_cache.valid is None
             and not model.training and not torch.is_grad_enabled() and idx.device.type == "cpu"
             and weight.dtype == self.dtype and weight.device == self.device
             and kv_cache.k.dtype == self.dtype and kv_cache.k.is_contiguous() and kv_cache.v.is_contiguous()
@@ -223,7 +223,7 @@ class KernelDecoder:
             bad = low if low < 0 else high
             raise IndexError(f"token id {bad} is outside the vocabulary (0..{self.desc.vocab_rows - 1})")
         threads = torch.get_num_threads()
-        per_thread = MAX_TOKENS * (self.desc.emb + self.desc.hidden) + self.context
+        per_thread = self.desc.max_tokens * (self.desc.emb + self.desc.hidden) + self.context  # as decode.c lays it out
         if self.desc.n_threads != threads or self.scratch.numel() < threads * per_thread:
             self.scratch = torch.zeros(threads * per_thread)
             self.desc.scratch, self.desc.n_threads = self.scratch.data_ptr(), threads
