@@ -11,7 +11,7 @@ broadcast input value, one load per line, in address order, and that loop read 0
 sum (bench/README.md).
 
 The step itself -- embeddings, the blocks with their cache writes and attention, final norm, LM head
--- is ~300 lines of C (csrc/decode.c) in one OpenMP region, built with the machine's C compiler the
+-- is ~350 lines of C (csrc/decode.c) in one OpenMP region, built with the machine's C compiler the
 first time it is needed (~0.3 s) and cached in ~/.cache/gptlab/kernels (GPTLAB_CACHE moves it).
 Prompts of up to MAX_TOKENS tokens go through the same code, each loaded line of weights used for
 up to 4 tokens at a time (a 16-token prompt: 26 ms against 64 ms in the eager forward, float32).
@@ -218,7 +218,10 @@ class KernelDecoder:
         if self._fingerprint() != self.fingerprint:
             self.refresh(model)
         tokens = idx[0].to(torch.int64).contiguous()
-        low, high = (int(tokens), int(tokens)) if tokens.numel() == 1 else (int(tokens.min()), int(tokens.max()))
+        if tokens.numel() == 1:
+            low = high = int(tokens)
+        else:
+            low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= self.desc.vocab_rows:  # the eager path raises on this too (embedding lookup)
             bad = low if low < 0 else high
             raise IndexError(f"token id {bad} is outside the vocabulary (0..{self.desc.vocab_rows - 1})")

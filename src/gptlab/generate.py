@@ -320,7 +320,7 @@ def prepare_for_decoding(model: GPTModel, compile: bool = False) -> GPTModel:
     compile=True: each batch-1 single-token step on CPU (float32 or bfloat16 weights) runs in a small
     C kernel (gptlab.decode_kernel) over its own repacked copy of the weights, compiled here with
     the machine's C compiler the first time (~0.3 s, then cached). It streams the weights at ~0.8-0.9
-    of the machine's read bandwidth: ~2x the eager path in float32, ~3x in bfloat16. Costs a second
+    of the machine's read bandwidth: ~2x the eager path in float32, 3-4x in bfloat16. Costs a second
     copy of the weights in memory. Prompts of up to 64 tokens go through it too (16 tokens: 26 ms
     vs 64 eager); longer prompts, batches, training and other devices keep the eager forward. Where
     the kernel cannot be built or loaded (no C compiler with OpenMP), it warns and falls back to

@@ -141,7 +141,7 @@ class GPTModel(nn.Module):
         self.final_norm = nn.LayerNorm(config.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(config.emb_dim, V, bias=False)
         self.tie_weights()
-        # Set by prepare_for_decoding(compile=True): batch-1 decoding steps as one compiled graph.
+        # Set by prepare_for_decoding(compile=True): batch-1 cached steps in the C kernel (decode_kernel.py).
         self.compiled_decoder = None
         if not self.tok_emb.weight.is_meta:  # a meta model (shapes only, weights loaded later) skips it
             self.reset_parameters()

@@ -158,7 +158,7 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
 def move_weights_to_huge_pages(model: nn.Module) -> int:
     """Move the model's CPU parameters into one block of 2 MiB pages; returns the bytes moved (0: nothing done).
 
-    Batch-1 decoding reads every weight once per token. With the kernel's default 4 KiB pages that
+    Batch-1 decoding reads every weight once per token. With Linux's default 4 KiB pages that
     is ~120k pages (gpt2-small, float32) per token, and TLB misses cap the read speed: on the
     development VM a matrix-vector product read 23-26 GB/s from 4 KiB pages and 31-38 GB/s from
     2 MiB pages, the same code and bytes (bench/README.md). Values, shapes, strides and tied

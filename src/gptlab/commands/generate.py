@@ -54,7 +54,7 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
     p.add_argument("--compile", action="store_true",
                    help="CPU, one sample: each token's step in gptlab's C kernel over a repacked copy of the "
-                   "weights (about 2x faster float32 decoding, 4x bfloat16; needs a C compiler with OpenMP, "
+                   "weights (about 2x faster float32 decoding, 3-4x bfloat16; needs a C compiler with OpenMP, "
                    "~0.3 s the first time, then cached; twice the weights' memory)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--verbose", action="store_true", help="report tokens/s on stderr")
