@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_outputs(out: Path, results: list[dict], limits: dict, args, seconds: float) -> None:
-    from gptlab.fileio import atomic_open, atomic_path, write_json
+    from gptlab.storage.files import atomic_open, atomic_path, write_json
 
     from .report import chart, group_rows, markdown
 

@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--keep-freed-memory", action="store_true", help="call gptlab.speed.keep_freed_memory() first")
+    p.add_argument("--keep-freed-memory", action="store_true", help="call gptlab.hardware.keep_freed_memory() first")
     args = p.parse_args(argv)
     if args.keep_freed_memory:
-        from gptlab.speed import keep_freed_memory
+        from gptlab.hardware import keep_freed_memory
 
         print(f"keep_freed_memory: {keep_freed_memory()}")
     torch.set_num_threads(os.cpu_count() or 1)

@@ -55,8 +55,8 @@ def peak_anon_during(fn) -> tuple[int, object]:
 
 def main(openai_folder: Path) -> None:
     from gptlab import load_pretrained, save_model
-    from gptlab.pretrained import save_hf
     from gptlab.pretrained.crc32c import crc32c
+    from gptlab.pretrained.hf import save_hf
     from gptlab.pretrained.openai import load_openai
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")

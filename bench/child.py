@@ -45,7 +45,7 @@ def seeded_tokens(shape: Shape, batch: int, length: int) -> torch.Tensor:
 def job_shape(spec: dict) -> Shape:
     shape = SHAPES[spec["shape"]]
     if spec["kind"] in ("train", "eval"):
-        # the issue's training shapes: context 256 (position table sized to the sequence)
+        # the training jobs' shapes: context 256 (position table sized to the sequence)
         shape = Shape(**{**shape.__dict__, "context_length": spec["seq"]})
     return shape
 
@@ -150,7 +150,7 @@ def run_load_tf(spec: dict, contestant) -> dict:
 
 def run_prepare(spec: dict, contestant) -> dict:
     """MB/s of `gptlab prepare` (2 workers) on a corpus generated from the stdlib's pydoc topics."""
-    from gptlab.prepare import prepare_dataset
+    from gptlab.data.prepare import prepare_dataset
 
     from .prepare_bench import make_corpus
 

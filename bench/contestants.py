@@ -41,7 +41,7 @@ class Shape:
 
 SHAPES = {
     "gpt2-small": Shape(),
-    # the "small preset": 4 layers, 4 heads, 256 wide, GPT-2 vocabulary
+    # the "small preset" job: 4 layers, 4 heads, 256 wide, GPT-2 vocabulary
     "small": Shape(emb_dim=256, n_heads=4, n_layers=4),
     # for the smoke test only
     "tiny": Shape(vocab_size=1000, context_length=64, emb_dim=32, n_heads=2, n_layers=2),
@@ -87,21 +87,21 @@ class Gptlab:
 
     @staticmethod
     def process_setup() -> None:
-        from gptlab.speed import keep_freed_memory
+        from gptlab.hardware import keep_freed_memory
 
         keep_freed_memory()  # as gptlab train / gptlab eval do on CPU: glibc keeps freed memory
 
     @staticmethod
     def for_decoding(model):
-        from gptlab.generate import prepare_for_decoding
+        from gptlab.generation.cpu import prepare_for_decoding
 
         # as `gptlab generate --compile` does: each batch-1 step in the C kernel over repacked weights (built
         # or loaded from its cache here, not in the timed runs); batches keep the eager forward
-        return prepare_for_decoding(model, compile=True)
+        return prepare_for_decoding(model, kernel="on")
 
     @staticmethod
     def generate(model, idx, new_tokens: int, use_cache: bool):
-        from gptlab.generate import generate
+        from gptlab.generation.generate import generate
 
         return generate(model, idx, new_tokens, use_cache=use_cache)
 

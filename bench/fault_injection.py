@@ -59,8 +59,8 @@ def random_fault(rng: random.Random) -> str:
 
 
 def trial(root: Path, index: int, fault: str, reference: list[tuple]) -> dict:
-    from gptlab.checkpoint import read_checkpoint
     from gptlab.errors import GptlabError
+    from gptlab.training.checkpoint import read_checkpoint
 
     out = root / f"trial-{index}"
     result = {"fault": fault, "killed": False, "checkpoint_ok": None, "resumed": False, "bit_exact": False}

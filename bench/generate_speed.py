@@ -135,12 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     args.prepared = None
     args.compiled = None
     if dtype == torch.float32:
-        args.prepared = prepare_for_decoding(GPTModel(model.config).eval())
+        args.prepared = prepare_for_decoding(GPTModel(model.config).eval(), kernel="off")
         args.prepared.load_state_dict(model.state_dict())
     args.compiled = GPTModel(model.config).to(dtype).eval()
     args.compiled.load_state_dict(model.state_dict())
     compile_start = time.perf_counter()
-    prepare_for_decoding(args.compiled, compile=True)
+    prepare_for_decoding(args.compiled, kernel="on")
     generate(args.compiled, prompt, 2)  # builds/loads the kernel (prepare_for_decoding did) and warms it
     compile_s = time.perf_counter() - compile_start
     results: dict = {

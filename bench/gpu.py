@@ -6,7 +6,7 @@ Random weights of the real shapes (speed does not depend on the values). Trainin
 bf16 autocast, fused AdamW, eager and torch.compile. Decoding: 16-token prompt, 128 new tokens, greedy,
 KV cache, batch 1, float32 and bfloat16 weights, against GPT2LMHeadModel.generate in the same process.
 Times are CUDA-synchronised medians; MFU uses 6*N + attention FLOPs per token and the card's
-dense bf16 peak from gptlab.speed.
+dense bf16 peak from gptlab.hardware.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import torch
 
 from gptlab import GPTModel
 from gptlab.config import get_preset
-from gptlab.generate import generate
-from gptlab.speed import flops_per_token, lookup_peak_tflops
-from gptlab.train import build_optimizer
-from gptlab.train_config import TrainConfig
+from gptlab.generation.generate import generate
+from gptlab.hardware import lookup_peak_tflops
+from gptlab.model import flops_per_token
+from gptlab.training.optim import build_optimizer
+from gptlab.training.settings import TrainConfig
 
 
 def cuda_time(fn, warmup: int, repeats: int) -> list[float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 CONTESTANT_NAMES = ("gptlab", "transformers", "llms-from-scratch")
 
-# id -> (title, kind, shape, dtypes, sizes); the job list.
+# id -> (title, kind, shape, dtypes, sizes): every job the benchmark knows.
 JOBS: dict[str, tuple[str, str, str, tuple[str, ...], dict]] = {
     "gen_b1_kv": ("generate b1, KV cache, 16+128", "generate", "gpt2-small", ("float32", "bfloat16"),
                   dict(batch=1, prompt=16, new_tokens=128, cache=True)),

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gptlab.speed import huge_page_buffer  # noqa: E402
+from gptlab.hardware import huge_page_buffer  # noqa: E402
 
 
 def best_rate(fn, work: float, repeats: int) -> float:

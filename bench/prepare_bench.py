@@ -37,7 +37,7 @@ if mode == "baseline":
     text = "".join(f.read_bytes().decode("utf-8") for f in files)
     n_tokens = len(enc.encode_ordinary(text))
 else:
-    from gptlab.prepare import prepare_dataset
+    from gptlab.data.prepare import prepare_dataset
     meta = prepare_dataset([corpus], out, workers=workers, force=True, progress=False)
     n_tokens = meta["train_tokens"] + meta["val_tokens"] - meta["documents"]  # without the <|endoftext|>s
 seconds = time.perf_counter() - start

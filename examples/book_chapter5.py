@@ -31,11 +31,11 @@ from gptlab import (
     token_ids_to_text,
     train,
 )
-from gptlab.corpus import fetch_corpus
-from gptlab.data import read_text_file
-from gptlab.generate import generate
-from gptlab.plot import plot_losses
+from gptlab.data.corpus import fetch_corpus
+from gptlab.data.text import read_text_file
+from gptlab.generation.generate import generate
 from gptlab.tokenizer import encode
+from gptlab.training.report import plot_losses
 
 START_CONTEXT = "Every effort moves you"
 
@@ -96,6 +96,7 @@ def main() -> None:
     result = train(
         model, train_loader, val_loader, optimizer=optimizer, device=device, epochs=args.epochs, lr=0.0004,
         lr_schedule="constant", warmup_steps=0, grad_clip=0, eval_every=5, eval_iters=5, eval_at_start=False,
+        book_eval_steps=True,
         sample_prompt=START_CONTEXT, sample_tokens=50, sample_temperature=0.0, dtype="float32", quiet=True,
     )
     minutes = (time.perf_counter() - start) / 60

@@ -54,7 +54,7 @@ def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def assert_same_model(ours, hf_model, vocab: int, seq: int = 10, new_tokens: int = 8) -> None:
     """Equal logits (1e-5), equal loss, identical greedy generation."""
-    from gptlab.generate import generate
+    from gptlab.generation.generate import generate
 
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, vocab, (3, seq), generator=g)

@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from gptlab import GPTModel
-from gptlab.checkpoint import load_model
-from gptlab.generate import generate
-from gptlab.train import build_optimizer, make_precision
-from gptlab.train_config import TrainConfig
-
-from .conftest import SRC, run_cli, tiny_config
+from gptlab.generation.generate import generate
+from gptlab.pretrained.native import load_model
+from gptlab.training.optim import build_optimizer, make_precision
+from gptlab.training.settings import TrainConfig
+from tests.helpers import SRC, run_cli, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -189,8 +188,7 @@ def test_eval_and_generate_cli_on_cuda(tmp_path, corpus, model_json):
 
 def test_hf_weights_match_transformers_on_cuda(tmp_path):
     from gptlab.pretrained.hf import load_hf
-
-    from .gpt2_refs import random_hf_model
+    from tests.gpt2_refs import random_hf_model
 
     hf = random_hf_model(1, vocab_size=300, n_positions=24, n_embd=32, n_layer=2, n_head=4)
     hf.save_pretrained(tmp_path / "hf")

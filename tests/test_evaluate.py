@@ -7,8 +7,7 @@ from torch import nn
 from gptlab import GPTModel, calc_loss_batch, calc_loss_loader, create_dataloader, perplexity, score_tokens
 from gptlab.errors import UsageError
 from gptlab.evaluate import sliding_windows
-
-from .conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_uniform_model_loss_is_ln_vocab():

@@ -5,8 +5,7 @@ import torch
 
 from gptlab import GPTModel, UsageError, get_preset
 from gptlab.config import PRESETS
-
-from .conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize(

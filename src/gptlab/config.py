@@ -11,6 +11,10 @@ from typing import Any
 
 from .errors import UsageError
 
+# Names the command line offers without importing torch (hardware.py maps them to torch's objects).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -83,7 +87,7 @@ class GPTConfig:
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
-        from .fileio import write_json
+        from .storage.files import write_json
 
         write_json(path, self.to_dict())
 

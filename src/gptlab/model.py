@@ -7,6 +7,7 @@ D head width, C = H * D model width, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -141,8 +142,8 @@ class GPTModel(nn.Module):
         self.final_norm = nn.LayerNorm(config.emb_dim, eps=1e-5)
         self.out_head = nn.Linear(config.emb_dim, V, bias=False)
         self.tie_weights()
-        # Set by prepare_for_decoding(compile=True): batch-1 cached steps in the C kernel (decode_kernel.py).
-        self.compiled_decoder = None
+        # Set by prepare_for_decoding: batch-1 cached steps on CPU in the C kernel (generation/kernel.py).
+        self.cpu_decoder = None
         if not self.tok_emb.weight.is_meta:  # a meta model (shapes only, weights loaded later) skips it
             self.reset_parameters()
 
@@ -202,9 +203,9 @@ class GPTModel(nn.Module):
                 f"input of {start + T} tokens is longer than the model's context of {limit}; "
                 "crop it to the last context_length tokens"
             )
-        if position_ids is None and attention_mask is None and self.compiled_decoder is not None:
-            if self.compiled_decoder.applies(self, idx, kv_cache, last_only):
-                return self.compiled_decoder(self, idx, kv_cache)
+        if position_ids is None and attention_mask is None and self.cpu_decoder is not None:
+            if self.cpu_decoder.applies(self, idx, kv_cache, last_only):
+                return self.cpu_decoder(self, idx, kv_cache)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(position_ids))
@@ -268,3 +269,58 @@ class GPTModel(nn.Module):
             # A padded query may see only itself, so no row is fully masked (which would give NaN).
             mask = (mask & valid[:, None, :]) | (k_pos == q_pos)[None]
         return mask[:, None]
+
+
+def wrapper_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """`model`, then each module wrapped inside it: torch.compile's `_orig_mod`, DDP's `module`."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        yield model
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile and DistributedDataParallel wrappers.
+
+    FSDP2's fully_shard changes the module in place (no wrapper), so it is returned as is; its
+    parameters are sharded, so save it with distributed.model_state_dict, not state_dict().
+    """
+    *_, inner = wrapper_layers(model)
+    return inner
+
+
+def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 * N + 12 * L * C * T.
+
+    N counts the weights of every matmul: 12 * C^2 per layer (qkv 3C^2, out 1C^2, MLP 8C^2) plus the
+    LM head (padded V * C); embedding look-ups cost no FLOPs, biases and norms are negligible. Each
+    weight costs 2 FLOPs per token forward and 4 backward, hence 6N. Attention scores and their
+    weighted sum add 2 * 2 * T * C per layer forward (x3 with backward): 12 * L * C * T, counted
+    without the causal half-saving, as in the PaLM paper's MFU (appendix B) and nanoGPT.
+    """
+    T = config.context_length if seq_len is None else seq_len
+    C, L = config.emb_dim, config.n_layers
+    n_matmul = 12 * L * C * C + config.padded_vocab_size * C
+    return 6.0 * n_matmul + 12.0 * L * C * T
+
+
+def model_info(config: GPTConfig) -> dict:
+    """Parameter counts and memory needs of a config, from a model on the meta device (no memory used)."""
+    with torch.device("meta"):
+        model = GPTModel(config)
+    n = model.num_parameters()
+    return {
+        "config": config.to_dict(),
+        "parameters": n,
+        "non_embedding_parameters": n - model.tok_emb.weight.numel() - model.pos_emb.weight.numel(),
+        "weights_fp32_bytes": 4 * n,
+        "weights_bf16_bytes": 2 * n,
+        # fp32 weights + fp32 grads + AdamW's two fp32 moments; activations come on top.
+        "train_adamw_fp32_bytes": 16 * n,
+    }

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..model import GPTModel
+from ..storage.safe_load import inspect_safetensors
 from .assemble import Spec, assemble
 from .book import load_book
 from .download import (
@@ -29,13 +29,13 @@ from .download import (
     cache_dir,
     canonical_gpt2,
     download_model,
-    gptlab_home,
     is_complete,
 )
 from .hf import BIN_NAME, load_hf, looks_like_hf_config, save_hf
+from .native import CONFIG_NAME, WEIGHTS_NAME, expected_shapes
 from .openai import HPARAMS_NAME, is_openai_folder, load_openai
 
-__all__ = ["download_model", "gptlab_home", "load_pretrained", "save_hf"]
+__all__ = ["download_model", "load_pretrained", "save_hf"]
 
 
 def _read_json(path: Path) -> object:
@@ -48,9 +48,6 @@ def _read_json(path: Path) -> object:
 def _load_gptlab(path: Path, config: GPTConfig | None, device, dtype) -> GPTModel:
     """gptlab's own safetensors: read lazily, tensor by tensor (config from the file's metadata if not given)."""
     from safetensors import SafetensorError, safe_open
-
-    from ..checkpoint import expected_shapes
-    from ..safety import inspect_safetensors
 
     inspect_safetensors(path)  # every byte range checked against the file before anything is mapped
     try:
@@ -70,10 +67,6 @@ def _load_gptlab(path: Path, config: GPTConfig | None, device, dtype) -> GPTMode
     inspect_safetensors(path, shapes, optional)  # names and shapes must be this config's, before any read
     if config.tie_embeddings:
         del shapes["out_head.weight"]
-    extra = sorted(names - set(shapes) - {"out_head.weight"})
-    if extra:
-        raise GptlabError(f"{path} holds tensors this config does not have ({', '.join(extra[:3])}); "
-                          "check config.json (n_layers, qkv_bias, tie_embeddings)")
 
     def fetch(name: str) -> torch.Tensor:
         if name not in names:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..model import GPTModel
-from ..safety import safe_torch_load
+from ..storage.safe_load import check_tensor_set, safe_torch_load
 from .assemble import Spec, assemble, brief, concat_rows
 
 # GPT-2's head count for its four widths: the only defaults that are facts, not guesses.
@@ -123,12 +123,10 @@ def load_book(path: str | os.PathLike, device: str | torch.device = "cpu",
     config, config_source = book_config(state, path)
     specs = book_specs(config)
     used = {s for spec in specs for s in spec.sources}
-    extra = sorted(k for k in set(state) - used if not re.fullmatch(r"trf_blocks\.\d+\.att\.mask", k))
-    if extra:
-        raise GptlabError(
-            f"{path} holds tensors the book's GPTModel does not have ({', '.join(extra[:3])}"
-            f"{' ...' if len(extra) > 3 else ''}); check n_layers / qkv_bias in {config_source}"
-        )
+    found = {k for k in state if not re.fullmatch(r"trf_blocks\.\d+\.att\.mask", k)}  # the causal-mask buffers
+    # Only unexpected names are refused here; a missing one gets its own message when it is read.
+    check_tensor_set(f"{path} (the book's GPTModel)", found, used, optional=used,
+                     hint=f"check n_layers / qkv_bias in {config_source}")
 
     def fetch(name: str) -> Tensor:
         if name not in state:

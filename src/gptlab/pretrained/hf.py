@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
-from ..fileio import atomic_path, write_json
-from ..model import GPTModel
-from ..safety import inspect_safetensors, safe_torch_load
+from ..model import GPTModel, unwrap_model
+from ..storage.files import atomic_path, write_json
+from ..storage.safe_load import check_tensor_set, inspect_safetensors, safe_torch_load
 from .assemble import GPT2_LAYER, assemble, brief, gpt2_specs, transpose
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -147,12 +147,10 @@ def load_hf(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype
     used = {s for spec in specs for s in spec.sources}
     if path.suffix == ".safetensors":
         _check_header_shapes(path, specs, prefixed, str(config_path))
-    extra = sorted(set(prefixed) - used - ({"lm_head.weight"} if config.tie_embeddings else set()))
-    if extra:
-        raise GptlabError(
-            f"{path} holds tensors a GPT-2 language model does not have ({', '.join(extra[:3])}"
-            f"{' ...' if len(extra) > 3 else ''}); is it another architecture or a model with another head?"
-        )
+    allowed = used | {"lm_head.weight"}
+    # Only unexpected names are refused here; a missing one gets its own message when it is read.
+    check_tensor_set(f"{path} (a GPT-2 language model)", prefixed, allowed, optional=allowed,
+                     hint="is it another architecture or a model with another head?")
 
     def fetch(name: str) -> Tensor:
         if name not in prefixed:
@@ -219,7 +217,7 @@ def save_hf(model: GPTModel, folder: str | os.PathLike) -> Path:
     """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
     from safetensors.torch import save_file
 
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap_model(model)
     folder = Path(folder)
     write_json(folder / "config.json", hf_config(model.config))
     with atomic_path(folder / SAFETENSORS_NAME) as tmp:

@@ -12,8 +12,8 @@ import torch
 
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
-from ..fileio import write_json
 from ..model import GPTModel
+from ..storage.files import write_json
 from .assemble import assemble, gpt2_specs, squeeze_transpose
 from .tf_checkpoint import TFCheckpoint, find_prefix
 

@@ -1,0 +1,143 @@
+"""`gptlab generate`: continue a prompt with a model, streaming the text as it is produced.
+
+An empty `--prompt` starts from `<|endoftext|>` (GPT-2's document separator, the usual "no
+prompt"). A prompt longer than the context keeps its last `context_size` tokens, with a warning.
+`--num-samples N` samples N continuations as one batch; the text of a single sample streams to the
+terminal, several are printed one after another when all are done. `--json` prints one object
+`{"prompt_ids": [...], "completions": [{"text": ..., "token_ids": [new ids]}]}` on stdout; the
+prompt ids are those the model saw (after cropping). New ids include the end-of-text id when a
+sample stopped on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+from .common import (
+    add_device_arg,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    pick_device,
+    positive_int,
+)
+
+
+def top_p_value(text: str) -> float:
+    """A number in (0, 1]."""
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 keeps every token), got {text}")
+    return value
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt (greedy or sampled), streaming the text")
+    p.add_argument("--model", required=True, help="preset (random weights), model folder or run folder")
+    p.add_argument("--prompt", required=True, help="text to continue ('' starts from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=50, help="tokens to add (default 50)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0,
+                   help="0 = greedy argmax; higher = more random (default 1.0)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the K most likely tokens")
+    p.add_argument("--top-p", type=top_p_value, default=None,
+                   help="sample only from the smallest set of tokens whose probability reaches P")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="make sampling reproducible")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="continuations to sample (one batch)")
+    p.add_argument("--no-eos-stop", action="store_true", help="keep going after <|endoftext|>")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token (slow)")
+    p.add_argument("--context-size", type=positive_int, default=None,
+                   help="tokens the model sees (default and maximum: the model's context_length)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
+    p.add_argument("--cpu-kernel", choices=("auto", "on", "off"), default="auto",
+                   help="one sample on CPU: run each step in gptlab's C decoding kernel (auto, the default: where it "
+                   "builds and checks out, silently eager elsewhere; on: say why when it cannot; off: eager). "
+                   "About 2x eager float32 decoding, 3-4x bfloat16, at the cost of a second, repacked copy of "
+                   "the weights")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--verbose", action="store_true", help="report tokens/s on stderr")
+    add_device_arg(p)
+    p.set_defaults(func=run)
+
+
+def prompt_ids_for(text: str, window: int) -> tuple[list[int], str | None]:
+    """Token ids of the prompt (empty -> <|endoftext|>), cropped to `window`, and a warning if cropped."""
+    from ..tokenizer import EOT_ID, encode
+
+    ids = encode(text) if text else [EOT_ID]
+    if len(ids) <= window:
+        return ids, None
+    return ids[-window:], f"prompt has {len(ids)} tokens, more than the context of {window}; using its last {window}"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import UsageError
+    from ..generation.cpu import prepare_for_decoding
+    from ..generation.generate import stream_generate
+    from ..pretrained.resolve import load_model_arg
+    from ..tokenizer import EOT_ID, decode
+
+    device = pick_device(args, quiet=not args.verbose)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    kernel = args.cpu_kernel
+    if kernel != "off" and (args.num_samples > 1 or args.no_cache or torch.device(device).type != "cpu"):
+        # the kernel serves batch-1 cached decoding on CPU only: skip building and packing for nothing
+        if kernel == "on":
+            print("warning: --cpu-kernel speeds up one sample with the KV cache on CPU; ignored here",
+                  file=sys.stderr)
+        kernel = "off"
+    with warnings.catch_warnings(record=True) as caught:  # one plain line each, not Python's warning format
+        warnings.simplefilter("always")
+        model = prepare_for_decoding(load_model_arg(args.model, device, dtype=dtype), kernel=kernel)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    config = model.config
+    window = args.context_size or config.context_length
+    if window > config.context_length:
+        raise UsageError(f"--context-size {window} is larger than the model's context_length {config.context_length}")
+    ids, warning = prompt_ids_for(args.prompt, window)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    eos_id = None if args.no_eos_stop or EOT_ID >= config.vocab_size else EOT_ID
+    prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long)
+    chunks = stream_generate(
+        model, prompt, args.max_new_tokens, context_size=window, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, eos_id=eos_id, seed=args.seed, use_cache=not args.no_cache,
+    )
+    live = not args.json and args.num_samples == 1
+    if live:
+        sys.stdout.write(decode(ids) if args.prompt else "")
+        sys.stdout.flush()
+    new_ids: list[list[int]] = [[] for _ in range(args.num_samples)]
+    texts = [""] * args.num_samples
+    start = time.perf_counter()
+    for chunk in chunks:
+        for i, tid in enumerate(chunk.token_ids):
+            if tid is not None:
+                new_ids[i].append(tid)
+        texts = chunk.text_so_far
+        if live and chunk.text[0]:
+            sys.stdout.write(chunk.text[0])
+            sys.stdout.flush()
+    seconds = time.perf_counter() - start
+    if args.json:
+        completions = [{"text": t, "token_ids": n} for t, n in zip(texts, new_ids, strict=True)]
+        print(json.dumps({"prompt_ids": ids, "completions": completions}))
+    elif live:
+        sys.stdout.write("\n")
+    else:
+        for i, text in enumerate(texts):
+            print(f"=== sample {i + 1} ===")
+            print((decode(ids) if args.prompt else "") + text)
+    if args.verbose:
+        n = sum(len(x) for x in new_ids)
+        rate = n / seconds if seconds > 0 else float("inf")
+        print(f"generated {n} tokens in {seconds:.2f} s: {rate:.1f} tokens/s "
+              f"({args.num_samples} sample(s), {'no cache' if args.no_cache else 'KV cache'}, {args.dtype})",
+              file=sys.stderr)
+    return 0

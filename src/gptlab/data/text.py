@@ -1,0 +1,223 @@
+"""Training data: read text, tokenize it, cut it into sliding windows, batch it.
+
+Documents are joined with `<|endoftext|>` so the model learns where one text ends. The train /
+validation split cuts the *token stream* at one point (train first), and windows are made inside
+each part separately, so no validation window ever shares a token with a training window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import GptlabError, UsageError
+from ..tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
+from .corpus import BUILTIN_CORPUS, CORPORA, builtin_documents, fetch_corpus
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The UTF-8 text of one file (a leading BOM is dropped); missing, empty or non-UTF-8 is an error."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"data file not found: {path}; check the path") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder; pass it as a folder of .txt files") from None
+    except OSError as exc:
+        raise GptlabError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+    if not text.strip():
+        raise UsageError(f"{path} is empty; give a file with text in it")
+    return text
+
+
+def text_files(path: str | os.PathLike) -> list[Path]:
+    """`path` itself if it is a file, else every .txt file below the folder, in sorted order."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise UsageError(f"folder {path} holds no .txt files; add some or point --data at a file")
+        return files
+    if not path.exists():
+        known = ", ".join([BUILTIN_CORPUS, *CORPORA])
+        raise UsageError(f"data file not found: {path}; check the path (or name a corpus: {known})")
+    return [path]
+
+
+def load_documents(sources: Sequence[str | os.PathLike] | None = None) -> list[str]:
+    """Texts of the given files, folders or corpus names; none given means the built-in corpus."""
+    if not sources:
+        return builtin_documents()
+    docs: list[str] = []
+    for source in sources:
+        name = str(source)
+        if name == BUILTIN_CORPUS and not Path(name).exists():
+            docs.extend(builtin_documents())
+        elif name in CORPORA and not Path(name).exists():
+            docs.append(read_text_file(fetch_corpus(name)))
+        else:
+            docs.extend(read_text_file(p) for p in text_files(source))
+    return docs
+
+
+def tokenize_documents(docs: Sequence[str]) -> torch.Tensor:
+    """One token stream (int64) with `<|endoftext|>` between documents.
+
+    A literal `<|endoftext|>` inside a text is kept as the special token (as the book does), so one
+    file can hold several documents.
+    """
+    if not docs:
+        raise UsageError("no text to tokenize; give at least one non-empty file")
+    encoded = get_tokenizer().encode_batch(list(docs), allowed_special={ENDOFTEXT})
+    ids: list[int] = []
+    for i, part in enumerate(encoded):
+        if i:
+            ids.append(EOT_ID)
+        ids.extend(part)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_fingerprint(ids: torch.Tensor) -> str:
+    """A short sha256 of a token stream, to notice when a resumed run's data changed."""
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+class GPTDataset(Dataset):
+    """Sliding windows over a token stream: input ids[s:s+L], target ids[s+1:s+L+1], s = 0, stride, ...
+
+    The same windows as the book's GPTDatasetV1 (starts `range(0, n - max_length, stride)`), computed
+    on demand instead of stored, so memory stays one copy of the stream.
+    """
+
+    def __init__(self, token_ids: Sequence[int] | torch.Tensor, max_length: int, stride: int) -> None:
+        for name, value in (("max_length", max_length), ("stride", stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        self.token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        self.max_length = max_length
+        self.stride = stride
+        self.starts = range(0, len(self.token_ids) - max_length, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.starts[index]  # raises IndexError past the end, as a Dataset should
+        window = self.token_ids[start : start + self.max_length + 1]
+        return window[:-1], window[1:]
+
+
+def create_dataloader(
+    source: str | Sequence[int] | torch.Tensor,
+    batch_size: int = 4,
+    max_length: int = 256,
+    stride: int = 128,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    num_workers: int = 0,
+    seed: int | None = None,
+) -> DataLoader:
+    """Batches of (inputs, targets), each (batch_size, max_length), from a text or a token stream.
+
+    The loader owns a torch.Generator seeded with `seed` (or, when None, with a number drawn from
+    torch's global RNG, so `torch.manual_seed` makes it reproducible): shuffling and worker seeds come
+    from it alone, so the order is reproducible and its state can be checkpointed.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if num_workers < 0:
+        raise UsageError(f"num_workers must be 0 or more, got {num_workers}")
+    if isinstance(source, str):
+        source = tokenize_documents([source])
+    dataset = GPTDataset(source, max_length, stride)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and len(dataset) > 0,  # RandomSampler refuses an empty dataset
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
+    )
+
+
+def split_tokens(token_ids: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train (first part) and validation (last `val_fraction`) token streams: one cut, no overlap."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    cut = int(round(len(token_ids) * (1.0 - val_fraction)))
+    return token_ids[:cut], token_ids[cut:]
+
+
+def tokens_needed(max_length: int, val_fraction: float) -> int:
+    """Fewest tokens that give one full window (max_length + 1 tokens) in both parts of the split."""
+    n = math.ceil((max_length + 1) / min(val_fraction, 1.0 - val_fraction))
+    while True:  # the rounding in split_tokens can cost a token; step up until both parts fit
+        cut = int(round(n * (1.0 - val_fraction)))
+        if cut >= max_length + 1 and n - cut >= max_length + 1:
+            return n
+        n += 1
+
+
+@dataclass
+class DataSplit:
+    """The train and validation loaders of a run, plus what is needed to check a resumed run's data."""
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    total_tokens: int
+    train_tokens: int
+    val_tokens: int
+    fingerprint: str
+
+
+def make_loaders(
+    token_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    max_length: int,
+    stride: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 123,
+    num_workers: int = 0,
+) -> DataSplit:
+    """Split a token stream and build a shuffled train loader and an ordered validation loader."""
+    stride = stride or max_length
+    needed = tokens_needed(max_length, val_fraction)
+    if len(token_ids) < needed:
+        raise UsageError(
+            f"the corpus has {len(token_ids):,} tokens but context {max_length} with val fraction {val_fraction} "
+            f"needs at least {needed:,} (one {max_length + 1}-token window in each part); "
+            "add text or lower --context-length"
+        )
+    train_ids, val_ids = split_tokens(token_ids, val_fraction)
+    n_train = len(GPTDataset(train_ids, max_length, stride))
+    train_loader = create_dataloader(
+        train_ids, batch_size=batch_size, max_length=max_length, stride=stride, shuffle=True,
+        # dropping a ragged last batch keeps batches equal, unless that would leave no batch at all
+        drop_last=n_train >= batch_size, num_workers=num_workers, seed=seed,
+    )
+    val_loader = create_dataloader(
+        val_ids, batch_size=batch_size, max_length=max_length, stride=max_length, shuffle=False,
+        drop_last=False, num_workers=num_workers, seed=seed,
+    )
+    return DataSplit(train_loader, val_loader, len(token_ids), len(train_ids), len(val_ids),
+                     token_fingerprint(token_ids))

@@ -1,0 +1,1 @@
+"""Generation: sampling, `generate` / `stream_generate` with a KV cache, the sampling explainer, and the CPU decoding kernel."""

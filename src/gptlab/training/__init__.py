@@ -1,0 +1,1 @@
+"""Training: settings, the loop and its step, optimizer and precision, checkpoints, distributed runs, run setup."""
