@@ -206,6 +206,19 @@ class GPTModel(nn.Module):
         if position_ids is None and attention_mask is None and self.cpu_decoder is not None:
             if self.cpu_decoder.applies(self, idx, kv_cache, last_only):
                 return self.cpu_decoder(self, idx, kv_cache)
+        x = self.hidden_states(idx, kv_cache, position_ids, attention_mask)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.out_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        return logits
+
+    def hidden_states(self, idx: Tensor, kv_cache: KVCache | None = None, position_ids: Tensor | None = None,
+                      attention_mask: Tensor | None = None) -> Tensor:
+        """The trunk shared by `forward` and `loss`: embeddings, blocks, final norm -> (B, T, C)."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(position_ids))
@@ -215,12 +228,7 @@ class GPTModel(nn.Module):
             x = block(x, mask, cache, start)
         if kv_cache is not None:
             kv_cache.length = start + T
-        if last_only:
-            x = x[:, -1:, :]
-        logits = self.out_head(self.final_norm(x))
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]
-        return logits
+        return self.final_norm(x)
 
     def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
         """Mean next-token cross-entropy of `idx` (B, T) against `targets` (B, T), memory-lean.
@@ -236,10 +244,7 @@ class GPTModel(nn.Module):
         T = idx.shape[1]
         if T > self.config.context_length:
             raise UsageError(f"input of {T} tokens is longer than the model's context of {self.config.context_length}")
-        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))
-        for block in self.trf_blocks:
-            x = block(x, None)
-        x = self.final_norm(x)
+        x = self.hidden_states(idx)
         return chunked_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten(),
                                      self.config.vocab_size, ignore_index)
 
