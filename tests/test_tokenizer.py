@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptlab import decode, encode, text_to_token_ids, token_ids_to_text
-from gptlab import tokenizer as tokmod
+from gptlab.tokenizer import gpt2 as tokmod
 
 
 def test_reference_ids():

@@ -64,11 +64,44 @@ def test_export_untied_padded_no_qkv_bias(tmp_path, tiny):
 
     torch.manual_seed(0)
     model = GPTModel(tiny.replace(vocab_size=90, tie_embeddings=False, vocab_multiple=64, qkv_bias=False)).eval()
-    save_hf(model, tmp_path / "out")
+    with pytest.warns(UserWarning, match="no tokenizer files"):  # not GPT-2's vocabulary
+        save_hf(model, tmp_path / "out")
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     ids = torch.randint(0, 90, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reloaded(ids).logits, atol=1e-5, rtol=0)
+
+
+EXPORT_TEXTS = [
+    "The lighthouse keeper watched the storm roll in from the sea.",
+    "   spaces  at\tthe start,\t\ttabs, and  double  spaces   \n\n\r\n trailing   ",
+    "Café naïve coöperate — Ærøskøbing, São Paulo, Zürich.",
+    "今天天气很好，我们去公园散步。你好世界",
+    "First document.<|endoftext|>Second document<|endoftext|>",
+]
+
+
+def test_hf_export_works_offline_in_transformers(tmp_path, tiny, monkeypatch):
+    """AutoTokenizer gives exactly gptlab's ids, and pipeline("text-generation") gptlab's greedy text."""
+    from gptlab import GPTModel, encode, generate, text_to_token_ids, token_ids_to_text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(7)
+    model = GPTModel(tiny).eval()
+    save_hf(model, tmp_path / "hf")
+    names = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert names == sorted(["config.json", "generation_config.json", "merges.txt", "model.safetensors",
+                            "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in EXPORT_TEXTS:
+        assert tok(text)["input_ids"] == encode(text), text
+        assert tok.decode(encode(text)) == text
+    assert tok.eos_token_id == 50256 and tok.bos_token_id == 50256
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "hf"))
+    prompt = "The lighthouse keeper"
+    theirs = pipe(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    ours = token_ids_to_text(generate(model, text_to_token_ids(prompt), 12, eos_id=50256))
+    assert theirs == ours
 
 
 def test_cli_convert_to_hf(tmp_path):

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -213,13 +214,33 @@ def hf_state(model: GPTModel) -> dict[str, Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
+def hf_generation_config(config: GPTConfig) -> dict:
+    """generation_config.json: GPT-2's <|endoftext|> as bos/eos where the vocabulary has it."""
+    eot = 50256 if config.vocab_size > 50256 else None
+    return {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False}
+
+
 def save_hf(model: GPTModel, folder: str | os.PathLike) -> Path:
-    """Write config.json + model.safetensors that transformers.GPT2LMHeadModel.from_pretrained loads."""
+    """Write a folder that transformers loads offline: GPT2LMHeadModel.from_pretrained for the weights,
+    AutoTokenizer and pipeline("text-generation") with exactly gptlab's token ids.
+
+    The tokenizer files are GPT-2's when the model's vocabulary is GPT-2's (50,257 tokens); a model
+    with another vocabulary gets the weights and configs only (and a warning).
+    """
     from safetensors.torch import save_file
+
+    from ..tokenizer.gpt2 import GPT2_VOCAB_SIZE
+    from ..tokenizer.hf_files import write_gpt2_tokenizer
 
     model = unwrap_model(model)
     folder = Path(folder)
     write_json(folder / "config.json", hf_config(model.config))
+    write_json(folder / "generation_config.json", hf_generation_config(model.config))
     with atomic_path(folder / SAFETENSORS_NAME) as tmp:
         save_file(hf_state(model), str(tmp), metadata={"format": "pt"})
+    if model.config.vocab_size == GPT2_VOCAB_SIZE:
+        write_gpt2_tokenizer(folder, model.config.context_length)
+    else:
+        warnings.warn(f"no tokenizer files written: the model's vocabulary ({model.config.vocab_size}) is not "
+                      f"GPT-2's ({GPT2_VOCAB_SIZE}); add its own tokenizer files to {folder}", stacklevel=2)
     return folder

