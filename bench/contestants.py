@@ -95,7 +95,7 @@ class Gptlab:
     def for_decoding(model):
         from gptlab.generation.cpu import prepare_for_decoding
 
-        # as `gptlab generate --compile` does: each batch-1 step in the C kernel over repacked weights (built
+        # as `gptlab generate --cpu-kernel on` does: each batch-1 step in the C kernel over repacked weights (built
         # or loaded from its cache here, not in the timed runs); batches keep the eager forward
         return prepare_for_decoding(model, kernel="on")
 
@@ -134,18 +134,14 @@ class Gptlab:
         return load_model(folder)
 
 
-# The two functions below are the single switch point for gptlab's training path in the benchmark.
-# When gptlab.train exposes its own optimizer builder / step, call them here so the bench measures
-# exactly what `gptlab train` runs.
+# The functions below are the switch point for gptlab's training path in the benchmark: they call
+# the optimizer builder and loss that `gptlab train` runs.
 def gptlab_optimizer(model) -> torch.optim.Optimizer:
-    """AdamW with nanoGPT-style decay groups (no decay on biases, LayerNorms, embeddings), fused kernel."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=4e-4, betas=(0.9, 0.95), fused=True)
-    except (RuntimeError, TypeError):  # fused AdamW missing for this device/torch build
-        return torch.optim.AdamW(groups, lr=4e-4, betas=(0.9, 0.95), foreach=True)
+    """gptlab's own AdamW (decay on 2-D weights only, fused where the device has it), lr 4e-4."""
+    from gptlab.training.optim import build_optimizer
+    from gptlab.training.settings import TrainConfig
+
+    return build_optimizer(model, TrainConfig(lr=4e-4), next(model.parameters()).device)
 
 
 def gptlab_loss(model, x, y):

@@ -80,7 +80,7 @@ def trial(root: Path, index: int, fault: str, reference: list[tuple]) -> dict:
         if not result["resumed"]:
             result["error"] = again.stderr.strip().splitlines()[-1:]
     result["bit_exact"] = (out / "metrics.jsonl").exists() and losses(out) == reference
-    result["temp_files_left"] = len(list(out.glob(".*.tmp")))
+    result["temp_files_left"] = len(list(out.rglob("*.tmp")))
     return result
 
 

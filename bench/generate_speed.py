@@ -7,7 +7,7 @@ Contestants run alternately inside each repeat, so a machine shared with other w
 alike; medians and ratios are printed as one JSON object on stdout. `bound_tokens_per_s` is the
 machine's memory-bandwidth limit for reading every weight once per token (bandwidth measured just
 before and after every timed run: it drifts), `fraction_of_bound` how close the best KV-cache path
-gets to the median bound, `compiled_fraction_of_bound_paired` each `--compile` run against the
+gets to the median bound, `compiled_fraction_of_bound_paired` each `--cpu-kernel on` run against the
 bound measured around that run, and `compiled_step_fraction_of_bound_quartiles` single decoding
 steps against reads measured right before each (100 pairs: the least noisy of the three).
 """
@@ -94,7 +94,7 @@ def contestants(model: GPTModel, prompt: torch.Tensor, n_new: int, args) -> dict
     }
     if args.prepared is not None:  # the same weights, stored column-major (what `gptlab generate` runs)
         runs["gptlab_kv_prepared"] = lambda: generate(args.prepared, prompt, n_new).shape[1] - PROMPT_LEN
-    if args.compiled is not None:  # the C decoding kernel (`gptlab generate --compile`)
+    if args.compiled is not None:  # the C decoding kernel (`gptlab generate --cpu-kernel on`)
         runs["gptlab_kv_compiled"] = lambda: generate(args.compiled, prompt, n_new).shape[1] - PROMPT_LEN
     if n_new <= args.no_cache_max:
         runs["gptlab_no_cache"] = lambda: generate(model, prompt, n_new, use_cache=False).shape[1] - PROMPT_LEN

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import SRC
 
@@ -122,3 +123,21 @@ def test_moving_weights_keeps_values_ties_strides_and_results(tmp_path):
     again = load_model(tmp_path / "m")
     for k, v in again.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_bfloat16_on_a_cpu_without_it_warns_and_auto_stays_float32(monkeypatch):
+    import warnings
+
+    import gptlab.hardware as hardware
+    from gptlab.training.optim import make_precision
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert not hardware.cpu_has_native_bfloat16()
+    with pytest.warns(UserWarning, match="no native bfloat16.*--dtype float32"):
+        make_precision("bfloat16", torch.device("cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert make_precision("auto", torch.device("cpu")).dtype == torch.float32
+    assert caught == []
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert not hardware.warn_if_slow_bfloat16("cpu")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 # Names the command line offers without importing torch (hardware.py maps them to torch's objects).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -68,7 +68,8 @@ class GPTConfig:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise UsageError(f"unknown GPTConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise UsageError(f"unknown GPTConfig field(s): {', '.join(unknown)}{did_you_mean(unknown[0], known)}; "
+                             f"known: {', '.join(sorted(known))}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +83,8 @@ class GPTConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise UsageError(
-                f"unknown GPTConfig field(s) {', '.join(unknown)}; expected fields: {', '.join(sorted(known))}"
+                f"unknown GPTConfig field(s) {', '.join(unknown)}{did_you_mean(unknown[0], known)}; expected "
+                f"fields: {', '.join(sorted(known))}"
             )
         return cls(**data)
 
@@ -129,5 +131,6 @@ def get_preset(name: str, **overrides: Any) -> GPTConfig:
     """A named preset (or OpenAI alias such as '124M'), optionally with fields overridden."""
     key = ALIASES.get(name, name)
     if key not in PRESETS:
-        raise UsageError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise UsageError(f"unknown model preset {name!r}{did_you_mean(name, [*PRESETS, *ALIASES])}; choose one of: "
+                         f"{', '.join(PRESETS)}")
     return PRESETS[key].replace(**overrides)

@@ -52,7 +52,7 @@ def _kill_now(partial: Path | None = None) -> None:
 
 
 def during_write(tmp: Path) -> None:
-    """Called by fileio.atomic_path after the temporary file is written, before fsync and rename."""
+    """Called by storage.files.atomic_path after the temporary file is written, before fsync and rename."""
     faults = plan()
     if not faults:
         return

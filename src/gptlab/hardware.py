@@ -8,6 +8,7 @@ import mmap
 import os
 import re
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -114,9 +115,9 @@ def keep_freed_memory() -> bool:
 
     A CPU training or evaluation step frees and allocates the same large activation tensors again
     and again. By default glibc returns big blocks to the kernel at once, so every step page-faults
-    all of them in anew: on the development VM that was 0.27-0.34 s of kernel time per gpt2-small
-    training step (bench/ab.py). With these settings the pages are reused: no page faults, 4-6%
-    more tokens/s in training and evaluation (README, bench/). The price is that the process keeps
+    all of them in anew (`python bench/ab.py` measures the kernel time it costs). With these settings
+    the pages are reused: no page faults, and a few percent more tokens/s in training and evaluation
+    (bench/README.md). The price is that the process keeps
     its peak memory until it exits. `gptlab train` and `gptlab eval` call this on CPU; set
     GPTLAB_KEEP_FREED_MEMORY=0 to opt out. Calling it again does nothing.
     """
@@ -155,3 +156,25 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
     raw = torch.frombuffer(area, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
     return raw[start : start + nbytes]
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU runs bfloat16 math natively (AVX512-BF16 or AMX on x86), by oneDNN's own check.
+
+    Without it, PyTorch emulates bfloat16 on CPU: a 2048 x 2048 bfloat16 matmul ran at ~1 GFLOP/s on an
+    AVX2-only CPU, about 100 times slower than float32.
+    """
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def warn_if_slow_bfloat16(device: torch.device | str) -> bool:
+    """Warn (one line) when bfloat16 is asked for on a CPU that only emulates it; True if it warned."""
+    if torch.device(device).type != "cpu" or cpu_has_native_bfloat16():
+        return False
+    warnings.warn("this CPU has no native bfloat16 (no AVX512-BF16 or AMX): bfloat16 runs emulated, far slower "
+                  "than float32; use --dtype float32", stacklevel=2)
+    return True

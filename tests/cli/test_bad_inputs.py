@@ -55,6 +55,11 @@ def files(tmp_path_factory):
     (d / "run").mkdir()
     (d / "run" / "train_config.json").write_text("{}", encoding="utf-8")
     (d / "emptydir").mkdir()
+    (d / "cfgonly").mkdir()
+    (d / "cfgonly" / "config.json").write_text(json.dumps(tiny_config().to_dict()), encoding="utf-8")
+    (d / "program").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + bytes(range(256)) * 8)  # an executable
+    (d / "typo.json").write_text(json.dumps({**{k: v for k, v in tiny_config().to_dict().items() if k != "n_heads"},
+                                             "n_head": 4}), encoding="utf-8")
     return d
 
 
@@ -123,6 +128,14 @@ def cases(d):
         (("convert", "--to", "hf", str(d / "evil.pth"), str(d / "c1")), 1, "refusing"),
         (("train", "--init", str(d / "truncated"), "--data", t, "--out", str(d / "r5")), 1, "truncated"),
         (("train", "--model", str(d / "badcfg.json"), "--data", t, "--out", str(d / "r6")), 2, "badcfg.json"),
+        # --- mistakes a new user makes ---
+        ((*gen[:2], str(d / "cfgonly"), "--prompt", "hi"), 2, "no weights file"),
+        (("train", "--data", str(d / "program"), "--out", str(d / "r7")), 2, "binary file"),
+        (("prepare", "--data", str(d / "program"), "--out", str(d / "p5")), 2, "binary file"),
+        ((*gen[:2], "gpt-nanoo", "--prompt", "hi"), 2, "did you mean 'gpt-nano'"),
+        (("info", "--model", str(d / "typo.json")), 2, "did you mean 'n_heads'"),
+        (("convert", "--to", "hf", m, str(d / "run")), 2, "training run folder"),
+        (("convert", "--to", "gptlab", m, str(d / "notes")), 2, "--force"),
         # --- run folders ---
         (("train", "--data", t, "--out", str(d / "run")), 2, "--resume"),
         (("train", "--data", t, "--out", str(d / "emptydir"), "--resume"), 2, "nothing to resume"),
@@ -165,7 +178,7 @@ def test_bad_input_matrix(files):
     leftovers = sorted(str(p.relative_to(files)) for p in files.rglob("*") if p.name.endswith(".tmp"))
     assert not (files / "PWNED_MARKER").exists(), "a pickle ran code"
     assert not leftovers, f"half-written files left: {leftovers}"
-    for made in ("r1", "r2", "r3", "r4", "r5", "r6", "p0", "p2", "p3", "p4", "c", "c1", "plot.png"):
+    for made in ("r1", "r2", "r3", "r4", "r5", "r6", "r7", "p0", "p2", "p3", "p4", "p5", "c", "c1", "plot.png"):
         path = files / made
         assert not path.exists() or (path.is_dir() and not any(path.iterdir())), f"{made} was created"
     assert not failures, f"{len(failures)} of {len(table)} bad inputs answered badly:\n" + "\n".join(failures)

@@ -31,3 +31,32 @@ def test_info_bad_inputs(tmp_path):
     bad.write_text('{"emb_dim": 10, "n_heads": 3}')
     assert_clean_error(run_cli("info", "--model", str(bad)), 2, "divisible")
     assert_clean_error(run_cli("info"), 2, "--model")
+
+
+def test_random_weights_warning_says_what_it_means_for_the_verb():
+    proc = run_cli("eval", "--model", "gpt-nano", "--text", "A few words to score.", "--json")
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "random weights" in warning[0] and "untrained model" in warning[0]
+    assert "gibberish" not in proc.stderr
+
+
+def test_convert_never_overwrites_silently(tmp_path):
+    import torch
+
+    from gptlab import GPTModel, save_model
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    save_model(GPTModel(tiny_config()), tmp_path / "src")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "model.safetensors").write_bytes(b"someone else's weights")
+    assert_clean_error(run_cli("convert", str(tmp_path / "src"), "--to", "gptlab", str(tmp_path / "dst")), 2,
+                       "already holds files", "--force")
+    assert (tmp_path / "dst" / "model.safetensors").read_bytes() == b"someone else's weights"
+    proc = run_cli("convert", str(tmp_path / "src"), "--to", "gptlab", str(tmp_path / "dst"), "--force")
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.torch import load_file
+
+    written, source = load_file(tmp_path / "dst" / "model.safetensors"), load_file(tmp_path / "src" / "model.safetensors")
+    assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)

@@ -210,3 +210,51 @@ def test_init_continues_from_existing_weights(run_dir, setup):
     assert after["step"] == 0 and after["val_loss"] == before["val_loss"]  # same weights, same validation data
     assert json.loads((out / "config.json").read_text())["drop_rate"] == 0.0
     assert_clean_error(cli("train", "--init", str(src), "--model", "gpt-nano"), 2, "not both")
+
+
+def test_a_run_resumes_from_any_folder_and_refuses_changed_data(setup, tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text((setup / "text.txt").read_text())
+    out = tmp_path / "run"
+    # relative --data and --model, given in the folder that holds them
+    proc = run_cli("train", "--data", "data.txt", "--model", str(setup / "tiny.json"), "--out", "run",
+                   "--max-steps", "2", "--batch-size", "4", "--quiet", cwd=tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["data"] == [str(data)] and saved["data_files"][0]["bytes"] == data.stat().st_size
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("train", "--out", str(out), "--resume", "--max-steps", "3", "--quiet", cwd=elsewhere,
+                   env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    # naming the same file again (another spelling of its path) is accepted
+    proc = run_cli("train", "--out", str(out), "--resume", "--max-steps", "4", "--quiet", "--data",
+                   "../data.txt", cwd=elsewhere, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    assert [m["step"] for m in read_metrics(out)][-1] == 4
+    data.write_text(data.read_text() + " one more line\n")
+    assert_clean_error(cli("train", "--out", str(out), "--resume", "--max-steps", "5"), 2, "changed since the run",
+                       str(data))
+
+
+def test_short_runs_do_what_was_asked(setup, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(WORDS * 4))  # about 100 tokens: one batch of 8 windows per epoch
+    out = tmp_path / "run"
+    proc = cli("train", "--data", str(short), "--model", str(setup / "tiny.json"), "--out", str(out),
+               "--context-length", "8", "--batch-size", "8", "--max-steps", "12", "--eval-every", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert [m["step"] for m in read_metrics(out)] == [0, 5, 10, 12]  # --max-steps alone: exactly 12 steps
+    assert "warmup of 20 steps is not shorter than the run's 12 steps" in proc.stderr
+    assert "\r" not in proc.stderr  # no progress-bar frames when stderr is not a terminal
+    # the sample prompt is the start of the user's own validation text, not the built-in corpus's
+    prompt = json.loads((out / "train_config.json").read_text())["sample_prompt"]
+    assert prompt and prompt.split()[0] in WORDS and "A function" not in proc.stdout
+    samples = [line for line in proc.stdout.splitlines() if line.startswith("sample: ")]
+    assert len(samples) == 3  # after epochs ending at steps 5, 10 (not every 1-batch epoch), and the end
+    assert f'--prompt "{prompt}"' in proc.stdout.splitlines()[-1]
+    proc = cli("train", "--data", str(short), "--model", str(setup / "tiny.json"), "--out", str(out), "--force",
+               "--context-length", "8", "--batch-size", "8", "--max-steps", "3", "--sample-prompt", "",
+               "--warmup-steps", "1", "--quiet")
+    assert proc.returncode == 0 and "sample: " not in proc.stdout and "warmup" not in proc.stderr
+    assert proc.stdout.splitlines()[-1].endswith('--prompt ""')

@@ -86,8 +86,11 @@ def test_read_files_folders_and_bad_files(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "b.txt").write_text("second", encoding="utf-8")
     (tmp_path / "docs" / "a.txt").write_text("\ufefffirst", encoding="utf-8")  # BOM dropped
-    (tmp_path / "docs" / "skip.md").write_text("not a txt", encoding="utf-8")
-    assert load_documents([tmp_path / "docs"]) == ["first", "second"]
+    (tmp_path / "docs" / "c.md").write_text("third", encoding="utf-8")  # any text file, as prepare reads them
+    (tmp_path / "docs" / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")  # binary: skipped, said once
+    (tmp_path / "docs" / ".hidden.txt").write_text("hidden", encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped 1 binary file.*d.png"):
+        assert load_documents([tmp_path / "docs"]) == ["first", "second", "third"]
     ids = tokenize_documents(["first", "second"])
     assert ids.tolist() == encode("first") + [EOT_ID] + encode("second")
 
@@ -100,7 +103,7 @@ def test_read_files_folders_and_bad_files(tmp_path):
     with pytest.raises(UsageError, match="not UTF-8.*0xe9 at offset 3"):
         load_documents([tmp_path / "latin.txt"])
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(UsageError, match="no .txt files"):
+    with pytest.raises(UsageError, match="no non-empty text files"):  # a folder gives its text files, any name
         load_documents([tmp_path / "nothing"])
 
 

@@ -97,15 +97,18 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(model):
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 9, 14, 6)]
     n_new = 30  # crosses the 16-token window for every row, at different steps
-    batched = generate(model, prompts, n_new, context_size=16)
     ids, mask = pad_prompts(prompts)
-    assert torch.equal(generate(model, ids, n_new, context_size=16, attention_mask=mask), batched)
+    batched = generate(model, ids, n_new, context_size=16, attention_mask=mask)
+    rows = generate(model, prompts, n_new, context_size=16)  # a list of prompts: one tensor each, no padding
+    assert [len(r) for r in rows] == [len(p) + n_new for p in prompts]
+    assert all(torch.equal(r, batched[i, 14 - len(p) :]) for i, (r, p) in enumerate(zip(rows, prompts, strict=True)))
     junk = ids.masked_fill(mask == 0, -7)  # whatever the padding holds is ignored (and output as pad_id)
     assert torch.equal(generate(model, junk, n_new, context_size=16, attention_mask=mask), batched)
     assert torch.equal(generate(model, ids, n_new, context_size=16, attention_mask=mask, use_cache=False), batched)
     for i, p in enumerate(prompts):
         alone = generate(model, torch.tensor([p]), n_new, context_size=16)
         assert torch.equal(batched[i, 14 - len(p) :], alone[0]), i
+        assert torch.equal(rows[i], alone[0]), i
         assert torch.equal(mask[i].bool(), torch.arange(14) >= 14 - len(p))
 
 

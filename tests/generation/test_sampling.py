@@ -1,12 +1,13 @@
 import json
+import warnings
 
 import pytest
 import torch
 
 from gptlab import GPTModel, UsageError, load_model, save_model
-from gptlab.generation.explain import explain_sampling, format_table, plot_sampling
+from gptlab.generation.explain import explain_sampling, format_table, percent, plot_sampling, token_label
 from gptlab.generation.sampling import apply_top_k, next_token_probs
-from gptlab.tokenizer import decode, encode
+from gptlab.tokenizer import decode, encode, get_tokenizer
 from tests.helpers import assert_clean_error, run_cli, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -106,3 +107,46 @@ def test_sampling_plot_bad_inputs(tmp_path):
     assert_clean_error(run_cli("sampling-plot", "--model", "gpt-nano", "--prompt", "a", "--temperatures", "1,-2",
                                "--out", out), 2, "--temperatures", ">= 0")
     assert_clean_error(run_cli("sampling-plot", "--model", "gpt-nano", "--prompt", "a", "--out", "x.jpg"), 2, ".png")
+
+
+def test_token_labels_show_partial_characters_as_bytes():
+    tok = get_tokenizer()
+    pieces = [tok.decode_single_token_bytes(i) for i in encode("鼠")]  # one character, three byte tokens
+    assert len(pieces) > 1
+    assert [token_label(p) for p in pieces] == ["<" + " ".join(f"{b:02X}" for b in p) + ">" for p in pieces]
+    assert token_label(b" the") == " the" and token_label(b"\n") == "\\n"
+    assert percent(0.00042) == "0.042%" and percent(0.9997) == "99.9%" and percent(1.0) == "100%"
+
+
+def _chinese_table():
+    logits = torch.linspace(4, -4, 40)
+    labels = ["今天", "<E7 9A>", "天气", " the", "\\n", "好", "<E4>", "世界"]
+    return explain_sampling(logits, lambda ids: [labels[i % len(labels)] for i in ids], prompt="今天天气",
+                            temperatures=[1.0, 50.0], candidates=8, candidate_labels_of=lambda ids: labels)
+
+
+def test_plot_draws_others_and_cjk_without_glyph_warnings(tmp_path):
+    table = _chinese_table()
+    assert table.panels[1].other > 0.7  # at T=50 most of the mass is outside the 8 candidates
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_sampling(table, tmp_path / "zh.png")
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
+    assert (tmp_path / "zh.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_escapes_characters_no_font_draws(tmp_path, monkeypatch):
+    """Where the system has no font for a script, labels are escaped instead of drawn as empty boxes."""
+    from matplotlib import font_manager
+
+    from gptlab.generation import explain
+
+    monkeypatch.setattr(font_manager, "findSystemFonts", lambda *a, **k: [])
+    monkeypatch.setattr(font_manager.fontManager, "ttflist",
+                        [f for f in font_manager.fontManager.ttflist if "DejaVu" in f.name])
+    families, missing = explain._font_families(["今天 the"])
+    assert missing == {"今", "天"} and explain._escape("今天 the", missing) == "\\u4eca\\u5929 the"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_sampling(_chinese_table(), tmp_path / "escaped.png")
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]

@@ -1,6 +1,7 @@
 """load_pretrained on gptlab's own files, and what `--model` means on the command line."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from gptlab import GptlabError, GPTModel, UsageError, load_pretrained, save_model
 from gptlab.pretrained.native import save_weights
 from gptlab.pretrained.resolve import load_model_arg
-from tests.helpers import SRC, tiny_config
+from tests.helpers import SRC, run_cli, tiny_config
 
 
 def _model(**overrides) -> GPTModel:
@@ -50,13 +51,16 @@ def test_gptlab_config_mismatch_and_unknown_paths(tmp_path):
         load_pretrained(tmp_path / "empty")
 
 
-def test_model_arg_random_choices(tmp_path, capsys):
-    nano = load_model_arg("gpt-nano")  # small presets stay random, with a warning
-    assert "random weights" in capsys.readouterr().err and nano.config.emb_dim == 128
+def test_model_arg_random_choices(tmp_path):
+    with pytest.warns(UserWarning, match="random weights"):
+        nano = load_model_arg("gpt-nano")  # small presets stay random, with a warning
+    assert nano.config.emb_dim == 128
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(tiny_config().to_dict()))
-    model = load_model_arg(f"random:{cfg}")  # explicit: no warning
-    assert model.config == tiny_config() and capsys.readouterr().err == ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_model_arg(f"random:{cfg}")  # explicit: no warning
+    assert model.config == tiny_config() and caught == []
 
 
 def test_no_tensorflow_anywhere_in_gptlab():
@@ -78,3 +82,28 @@ def test_damaged_or_lonely_files_give_clear_errors(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"\x00" * 7)
     with pytest.raises(GptlabError, match="not a readable safetensors"):
         load_pretrained(tmp_path / "w.safetensors")
+
+
+def test_model_means_the_same_in_every_verb():
+    """One --model help text everywhere, naming GPT-2 names as trained weights and presets as random."""
+    helps = {}
+    for verb in ("generate", "eval", "sampling-plot", "info"):
+        proc = run_cli(verb, "--help")
+        assert proc.returncode == 0, proc.stderr
+        text = " ".join(proc.stdout.split())
+        helps[verb] = text[text.rindex("--model MODEL") + len("--model MODEL"):].split(" --")[0].strip()
+    assert len(set(helps.values())) == 1, helps
+    assert "trained weights" in helps["info"] and "random weights" in helps["info"]
+
+
+def test_info_takes_whatever_load_pretrained_takes(tmp_path):
+    from tests.helpers import FIXTURES
+
+    openai = run_cli("info", "--model", str(FIXTURES / "openai_tiny"), "--json")
+    assert openai.returncode == 0, openai.stderr
+    assert json.loads(openai.stdout)["config"]["vocab_size"] == 97
+    save_model(GPTModel(tiny_config()), tmp_path / "m")
+    text = run_cli("info", "--model", str(tmp_path / "m"))
+    assert text.returncode == 0 and "saved weights" in text.stdout and "n_layers: 2" in text.stdout
+    preset = run_cli("info", "--model", "gpt2-small")
+    assert "OpenAI's trained weights" in preset.stdout and "124,439,808" in preset.stdout

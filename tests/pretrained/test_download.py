@@ -168,7 +168,7 @@ def test_http_404_and_mirror_fallback(serve, home, monkeypatch):
 def test_offline_is_one_clean_line(tmp_path):
     env = {"GPTLAB_HOME": str(tmp_path), "GPTLAB_OPENAI_URL": f"http://127.0.0.1:{free_port()}"}
     proc = run_cli("download", "gpt2-medium", env=env)
-    assert_clean_error(proc, 1, "cannot reach 127.0.0.1", "connection")
+    assert_clean_error(proc, 1, "cannot reach 127.0.0.1", "connection", "point --model at a GPT-2 folder")
     with pytest.raises(UsageError, match="gpt2-huge.*gpt2-small"):
         download_model("gpt2-huge")
 

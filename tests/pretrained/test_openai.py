@@ -11,6 +11,7 @@ import torch
 
 from gptlab import GptlabError, load_pretrained
 from gptlab.pretrained.crc32c import crc32c, mask, unmask
+from gptlab.pretrained.openai import verified_marker
 from gptlab.pretrained.tf_checkpoint import TFCheckpoint, find_prefix, read_index
 from tests.gpt2_refs import assert_same_model, hf_from_openai_values
 from tests.helpers import FIXTURES, run_cli
@@ -20,8 +21,9 @@ READBACK = FIXTURES / "openai_tiny_tf_readback.json"
 
 
 @pytest.fixture
-def openai_dir(tmp_path) -> Path:
-    """A private copy of the fixture: loading leaves a verified-marker beside the checkpoint."""
+def openai_dir(tmp_path, monkeypatch) -> Path:
+    """A private copy of the fixture, and a private cache home (where the verified-marker goes)."""
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path / "home"))
     folder = tmp_path / "openai_tiny"
     shutil.copytree(FIXTURE, folder)
     return folder
@@ -66,7 +68,8 @@ def test_openai_folder_matches_transformers_on_same_weights(openai_dir):
 def test_damaged_data_is_detected(openai_dir):
     folder = openai_dir
     load_pretrained(folder)  # verified once: a marker now vouches for these exact data files
-    assert (folder / "model.ckpt.verified").is_file()
+    assert verified_marker(folder / "model.ckpt").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in FIXTURE.iterdir())  # nothing added
     data = folder / "model.ckpt.data-00000-of-00001"
     blob = bytearray(data.read_bytes())
     blob[1000] ^= 0x01  # one flipped bit (the new mtime invalidates the marker)

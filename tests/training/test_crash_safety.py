@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from gptlab.storage.files import RunLock
 from gptlab.training.checkpoint import read_checkpoint
 from tests.helpers import SRC, assert_clean_error, run_cli, write_training_fixture
 
@@ -34,7 +35,8 @@ def losses(out):
 
 
 def leftovers(out):
-    return sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
+    """Temporary files anywhere in the run folder (gptlab writes them in its .gptlab-tmp folder)."""
+    return sorted(p.name for p in out.rglob("*") if p.name.endswith(".tmp"))
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +150,23 @@ def test_second_process_on_same_out_is_refused(setup):
         first.kill()
         first.communicate()
     assert first.returncode == -signal.SIGKILL  # the first run was never disturbed by the second
+
+
+def test_leftovers_of_killed_writers_are_removed_under_the_lock(setup, tmp_path):
+    """Whatever a killed writer left -- gptlab's temporary file or one a library made beside it -- is removed
+    by the next run in the folder, and never while another process holds the folder."""
+    out = tmp_path / "run"
+    assert run_cli(*train_args(setup, out), env=ENV).returncode == 0
+    temp = out / ".gptlab-tmp"
+    temp.mkdir()
+    (temp / "model.safetensors.k2j4.tmp").write_bytes(b"\0" * 1000)  # gptlab's own, half written
+    (temp / ".tmpAb12Cd").write_bytes(b"\0" * 1000)  # safetensors' own atomic write inside it
+    (out / ".tmpXy98Zw").write_bytes(b"\0" * 1000)  # the same, as an older version left it in the folder
+    (out / "notes.txt").write_text("mine")  # not gptlab's: stays
+    with RunLock(out):  # a live writer: nothing may be removed, and the run is refused
+        proc = run_cli("train", "--out", str(out), "--resume", "--max-steps", "9", env=ENV)
+        assert proc.returncode == 1 and "in use" in proc.stderr
+        assert (temp / ".tmpAb12Cd").exists() and (out / ".tmpXy98Zw").exists()
+    proc = run_cli("train", "--out", str(out), "--resume", "--max-steps", "9", env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert not temp.exists() and not (out / ".tmpXy98Zw").exists() and (out / "notes.txt").exists()

@@ -304,7 +304,8 @@ save_checkpoint({str(path)!r}, model, step=2)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != CHECKPOINT_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_NAME, ".gptlab-tmp"])
+    leftovers = [p.name for p in (tmp_path / ".gptlab-tmp").iterdir()]
     assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the half-done temp file, never renamed
     assert load_checkpoint(path, model)["step"] == 1
 

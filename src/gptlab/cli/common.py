@@ -12,6 +12,11 @@ if TYPE_CHECKING:  # torch loads only when a command runs, so --help and argumen
 
 from ..config import DEVICE_CHOICES
 
+# What --model means, the same in every verb (pretrained/resolve.py).
+MODEL_HELP = ("a GPT-2 name (gpt2-small ... gpt2-xl: OpenAI's trained weights, downloaded once), a model, run, "
+              "Hugging Face or OpenAI folder or a weights file (those weights), or a small preset (gpt-nano, "
+              "gpt-micro, gpt-mini) or a config.json (random weights; random:NAME for any architecture)")
+
 
 def whole_number(text: str, low: int) -> int:
     try:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import add_device_arg, pick_device, positive_int
+from .common import MODEL_HELP, add_device_arg, pick_device, positive_int
 
 
 def register(sub) -> None:
@@ -17,7 +17,7 @@ def register(sub) -> None:
         "each window moves on by --stride tokens and only its new tokens are scored, so every token after the "
         "first is scored exactly once, with at least (context - stride) tokens of context.",
     )
-    p.add_argument("--model", required=True, help="run folder, model folder, or preset (random weights)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or corpus names; a folder made by gptlab prepare: its val.bin")
     src.add_argument("--text", help="the text to score")
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         from ..hardware import keep_freed_memory
 
         keep_freed_memory()  # scoring many windows re-allocates the same activations (gptlab.hardware)
-    model = load_model_arg(args.model, device)
+    model = load_model_arg(args.model, device, purpose="eval")
     result = score_tokens(model, ids, device=device, context_length=args.context_length, stride=args.stride,
                           batch_size=args.batch_size)
     if args.json:

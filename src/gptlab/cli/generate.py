@@ -15,9 +15,9 @@ import argparse
 import json
 import sys
 import time
-import warnings
 
 from .common import (
+    MODEL_HELP,
     add_device_arg,
     finite_float,
     non_negative_float,
@@ -36,8 +36,14 @@ def top_p_value(text: str) -> float:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt (greedy or sampled), streaming the text")
-    p.add_argument("--model", required=True, help="preset (random weights), model folder or run folder")
+    p = sub.add_parser(
+        "generate", help="continue a prompt (greedy or sampled), streaming the text",
+        description="Continue a prompt, streaming the text as it is produced. The text streams as whole "
+        "characters: GPT-2's byte-level tokens can hold part of a character (many Chinese characters and "
+        "emoji take two or three tokens), so such a token prints nothing until the next one completes the "
+        "character. '\ufffd' appears only where the output ends (or the model writes bytes) in the middle "
+        "of a character.")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="text to continue ('' starts from <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=50, help="tokens to add (default 50)")
     p.add_argument("--temperature", type=non_negative_float, default=1.0,
@@ -79,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..generation.cpu import prepare_for_decoding
     from ..generation.generate import stream_generate
+    from ..hardware import warn_if_slow_bfloat16
     from ..pretrained.resolve import load_model_arg
     from ..tokenizer import EOT_ID, decode
 
@@ -91,11 +98,9 @@ def run(args: argparse.Namespace) -> int:
             print("warning: --cpu-kernel speeds up one sample with the KV cache on CPU; ignored here",
                   file=sys.stderr)
         kernel = "off"
-    with warnings.catch_warnings(record=True) as caught:  # one plain line each, not Python's warning format
-        warnings.simplefilter("always")
-        model = prepare_for_decoding(load_model_arg(args.model, device, dtype=dtype), kernel=kernel)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    if dtype == torch.bfloat16:
+        warn_if_slow_bfloat16(device)
+    model = prepare_for_decoding(load_model_arg(args.model, device, dtype=dtype), kernel=kernel)
     config = model.config
     window = args.context_size or config.context_length
     if window > config.context_length:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import MODEL_HELP
+
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="show a model's config, size and memory needs")
-    p.add_argument("--model", required=True, help="preset name (e.g. gpt2-small) or a config.json path")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -19,14 +21,21 @@ def _gib(n_bytes: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..model import model_info
-    from ..pretrained.resolve import resolve_config
+    from ..pretrained.download import canonical_gpt2
+    from ..pretrained.resolve import is_random_spec, resolve_config
 
     config = resolve_config(args.model)
     info = model_info(config)
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"model: {args.model}")
+    if is_random_spec(args.model):
+        weights = "random (untrained)"
+    elif canonical_gpt2(args.model):
+        weights = "OpenAI's trained weights (downloaded on first use)"
+    else:
+        weights = f"the saved weights in {args.model}"
+    print(f"model: {args.model}; weights: {weights}")
     for key, value in info["config"].items():
         print(f"  {key}: {value}")
     print(f"parameters: {info['parameters']:,}")

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from .common import add_device_arg, finite_float, non_negative_int, pick_device, positive_int
+from .common import MODEL_HELP, add_device_arg, finite_float, non_negative_int, pick_device, positive_int
 from .generate import top_p_value
 
 
@@ -30,7 +30,7 @@ def temperature_list(text: str) -> list[float]:
 
 def register(sub) -> None:
     p = sub.add_parser("sampling-plot", help="plot next-token probabilities under temperature / top-k / top-p")
-    p.add_argument("--model", required=True, help="preset (random weights), model folder or run folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="text whose next token is shown ('' = <|endoftext|>)")
     p.add_argument("--temperatures", type=temperature_list, default=[0.1, 1.0, 5.0],
                    help="comma-separated temperatures (default 0.1,1,5)")
@@ -51,15 +51,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import UsageError
-    from ..generation.explain import explain_sampling, format_table, plot_sampling
+    from ..generation.explain import explain_sampling, format_table, plot_sampling, token_label
     from ..pretrained.resolve import load_model_arg
-    from ..tokenizer import decode
+    from ..tokenizer import get_tokenizer
     from .generate import prompt_ids_for
 
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got {args.out}")
     device = pick_device(args, quiet=True)
-    model = load_model_arg(args.model, device)
+    model = load_model_arg(args.model, device, purpose="explain")
     ids, warning = prompt_ids_for(args.prompt, model.config.context_length)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -68,9 +68,17 @@ def run(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1].float().cpu()
     generator = torch.Generator().manual_seed(args.seed)
+    tokenizer = get_tokenizer()
+
+    def texts(candidates: list[int]) -> list[str]:
+        return [tokenizer.decode([c]) for c in candidates]
+
+    def labels(candidates: list[int]) -> list[str]:
+        return [token_label(tokenizer.decode_single_token_bytes(c)) for c in candidates]
+
     table = explain_sampling(
-        logits, lambda cand: [decode([c]) for c in cand], prompt=args.prompt, temperatures=args.temperatures,
-        top_k=args.top_k, top_p=args.top_p, candidates=args.candidates, samples=args.samples, generator=generator,
+        logits, texts, prompt=args.prompt, temperatures=args.temperatures, top_k=args.top_k, top_p=args.top_p,
+        candidates=args.candidates, samples=args.samples, generator=generator, candidate_labels_of=labels,
     )
     plot_sampling(table, args.out)
     if args.json:

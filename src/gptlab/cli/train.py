@@ -76,5 +76,6 @@ def run(args: argparse.Namespace) -> int:
         f"(perplexity {perplexity(final['val_loss']):.1f})"
     )
     print(f"saved in {out}: model (config.json, model.safetensors), checkpoint.pt, metrics.jsonl, loss.png")
-    print(f'sample from it: gptlab generate --model {out} --prompt "{cfg.sample_prompt or "A function"}"')
+    prompt = result.config.sample_prompt if result.config is not None else ""
+    print(f'sample from it: gptlab generate --model {out} --prompt "{prompt or ""}"')
     return 0

@@ -6,8 +6,9 @@ Output folder layout:
     meta.json   tokenizer, vocabulary size, token type, token counts, split rule, sources (size, sha256)
 
 Documents. Every input file is one document: its tokens are followed by `<|endoftext|>` (50256).
-Files are taken in the order given on the command line; a folder contributes its files (recursively,
-hidden ones skipped) sorted by path. `<|endoftext|>` written literally inside a file is ordinary text.
+Files are taken in the order given on the command line; a folder contributes its text files
+(recursively; hidden, empty and binary ones skipped, as `gptlab train` does) sorted by path.
+`<|endoftext|>` written literally inside a file is ordinary text.
 
 Streaming and why token counts do not change. A big file is cut into pieces of about `chunk_bytes`
 that are encoded independently (in worker processes), so memory stays flat. Pieces are cut only
@@ -45,6 +46,7 @@ import numpy as np
 
 from ..errors import GptlabError, UsageError
 from ..storage.files import atomic_path, write_json
+from .text import folder_files, is_binary
 from .tokenfile import (
     FORMAT_VERSION,
     META_NAME,
@@ -78,35 +80,25 @@ class Piece:
     last: bool
 
 
-def _inside(path: Path, folder: Path | None) -> bool:
-    return folder is not None and (path.resolve() == folder or folder in path.resolve().parents)
-
-
 def collect_sources(paths: Sequence[str | os.PathLike], exclude: Path | None = None) -> list[Source]:
-    """Input files in order: each path as given, folders expanded recursively and sorted by path.
+    """Input files in order: each path as given, folders expanded to their text files (text.folder_files).
 
     Files under `exclude` (the output folder, when it lies inside an input folder) are left out.
     """
     if not paths:
         raise UsageError("no input given; pass --data FILE_OR_FOLDER ...")
-    exclude = exclude.resolve() if exclude is not None else None
     sources: list[Source] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and not _inside(p, exclude)
-            )
-            found = [p for p in found if p.stat().st_size > 0]
-            if not found:
-                raise UsageError(f"folder {path} holds no non-empty files; point --data at text files")
-            sources.extend(Source(p, p.stat().st_size) for p in found)
+            sources.extend(Source(p, p.stat().st_size) for p in folder_files(path, exclude))
         elif path.is_file():
             size = path.stat().st_size
             if size == 0:
                 raise UsageError(f"{path} is empty; remove it from --data")
+            if is_binary(path):
+                raise UsageError(f"{path} is a binary file (an executable, image or archive?), not text; "
+                                 "remove it from --data")
             sources.append(Source(path, size))
         elif path.exists():
             raise UsageError(f"{path} is neither a file nor a folder; pass text files or folders")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +22,28 @@ from ..errors import GptlabError, UsageError
 from ..tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
 from .corpus import BUILTIN_CORPUS, CORPORA, builtin_documents, fetch_corpus
 
+BINARY_PROBE = 8192  # bytes read to tell a binary file from text
+
+
+def is_binary(path: str | os.PathLike) -> bool:
+    """Whether a file looks binary (a NUL byte near its start): executables, images, archives..."""
+    with open(path, "rb") as fh:
+        return b"\0" in fh.read(BINARY_PROBE)
+
 
 def read_text_file(path: str | os.PathLike) -> str:
-    """The UTF-8 text of one file (a leading BOM is dropped); missing, empty or non-UTF-8 is an error."""
+    """The UTF-8 text of one file (a leading BOM is dropped); missing, empty, binary or non-UTF-8 is an error."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"data file not found: {path}; check the path") from None
     except IsADirectoryError:
-        raise UsageError(f"{path} is a folder; pass it as a folder of .txt files") from None
+        raise UsageError(f"{path} is a folder; pass it as a folder of text files") from None
     except OSError as exc:
         raise GptlabError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"\0" in data[:BINARY_PROBE]:
+        raise UsageError(f"{path} is a binary file (an executable, image or archive?), not text; give text files")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -45,18 +56,53 @@ def read_text_file(path: str | os.PathLike) -> str:
     return text
 
 
+def folder_files(folder: str | os.PathLike, exclude: Path | None = None) -> list[Path]:
+    """The text files below a folder, sorted by path: every non-empty file that is not hidden (nor inside a
+    hidden folder) and not binary. Binary files are skipped with a warning naming them."""
+    folder = Path(folder)
+    exclude = exclude.resolve() if exclude is not None else None
+    files, binary = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        parts = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in parts) or path.stat().st_size == 0:
+            continue
+        if exclude is not None and (path.resolve() == exclude or exclude in path.resolve().parents):
+            continue
+        (binary if is_binary(path) else files).append(path)
+    if binary:
+        shown = ", ".join(str(p.relative_to(folder)) for p in binary[:3]) + (" ..." if len(binary) > 3 else "")
+        warnings.warn(f"skipped {len(binary)} binary file(s) in {folder}: {shown}", stacklevel=2)
+    if not files:
+        raise UsageError(f"folder {folder} holds no non-empty text files; add some or point --data at a file")
+    return files
+
+
 def text_files(path: str | os.PathLike) -> list[Path]:
-    """`path` itself if it is a file, else every .txt file below the folder, in sorted order."""
+    """`path` itself if it is a file, else the text files below the folder (`folder_files`)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise UsageError(f"folder {path} holds no .txt files; add some or point --data at a file")
-        return files
+        return folder_files(path)
     if not path.exists():
         known = ", ".join([BUILTIN_CORPUS, *CORPORA])
         raise UsageError(f"data file not found: {path}; check the path (or name a corpus: {known})")
     return [path]
+
+
+def is_corpus_name(source: str | os.PathLike) -> bool:
+    """A named corpus (python-docs, the-verdict), unless a file or folder of that name exists."""
+    return str(source) in (BUILTIN_CORPUS, *CORPORA) and not Path(source).exists()
+
+
+def data_files(sources: Sequence[str | os.PathLike] | None) -> list[Path]:
+    """Every file the sources name, as load_documents reads them (none for the built-in corpus)."""
+    files: list[Path] = []
+    for source in sources or ():
+        if is_corpus_name(source):
+            if str(source) in CORPORA:
+                files.append(fetch_corpus(str(source)))
+        else:
+            files.extend(text_files(source))
+    return files
 
 
 def load_documents(sources: Sequence[str | os.PathLike] | None = None) -> list[str]:
@@ -65,13 +111,10 @@ def load_documents(sources: Sequence[str | os.PathLike] | None = None) -> list[s
         return builtin_documents()
     docs: list[str] = []
     for source in sources:
-        name = str(source)
-        if name == BUILTIN_CORPUS and not Path(name).exists():
+        if is_corpus_name(source) and str(source) == BUILTIN_CORPUS:
             docs.extend(builtin_documents())
-        elif name in CORPORA and not Path(name).exists():
-            docs.append(read_text_file(fetch_corpus(name)))
         else:
-            docs.extend(read_text_file(p) for p in text_files(source))
+            docs.extend(read_text_file(p) for p in data_files([source]))
     return docs
 
 

@@ -11,8 +11,8 @@ numpy's generator seeded with (seed, epoch); the identity when shuffle is off). 
 into global micro-batches of world_size * batch_size positions; rank r takes the r-th block of
 batch_size of each. Resuming is exact from `start` = windows already consumed by all ranks
 together (e.g. step * batch_size * world_size * accumulation), and because the stream does not
-depend on world_size, a job may resume on a different number of ranks: with the same global batch it
-sees exactly the batches it would have seen.
+depend on world_size, the order only depends on the global batch (`gptlab train` therefore resumes on
+the same number of ranks, with the same per-rank batch).
 """
 
 from __future__ import annotations

@@ -16,28 +16,22 @@ KERNEL_CHOICES = ("auto", "on", "off")
 def prepare_for_decoding(model: GPTModel, kernel: str = "auto") -> GPTModel:
     """Make batch-1 decoding on CPU faster; results stay the same up to float rounding. Returns `model`.
 
-    kernel "auto" (default) or "on": each batch-1 single-token step on CPU (float32 or bfloat16
-    weights) runs in a small C kernel (generation/kernel.py) over its own repacked copy of the
-    weights, compiled here with the machine's C compiler the first time (~0.3 s, then cached).
-    "auto" falls back to eager decoding silently where the kernel cannot run, "on" with a warning,
-    "off" never uses it. It streams the weights at ~0.8-0.9
-    of the machine's read bandwidth: ~2x the eager path in float32, 3-4x in bfloat16. Costs a second
-    copy of the weights in memory. Prompts of up to 64 tokens go through it too (16 tokens: 26 ms
-    vs 64 eager); longer prompts, batches, training and other devices keep the eager forward. Where
-    the kernel cannot be built or loaded (no C compiler with OpenMP), it warns and falls back to
-    the eager layout below.
+    kernel "auto" (default) or "on": each batch-1 step on CPU (float32 or bfloat16 weights; single
+    tokens and prompts of up to 64 tokens) runs in a small C kernel (generation/kernel.py) over its
+    own repacked copy of the weights, built with the machine's C compiler the first time (~0.3 s,
+    then cached). It streams the weights close to the machine's read bandwidth, and costs a second
+    copy of the weights in memory; longer prompts, batches, training and other devices keep the
+    eager forward. Where the kernel cannot run (no C compiler with OpenMP, an unsupported dtype),
+    "auto" falls back silently and "on" warns; "off" never uses it (bench/README.md has the speeds).
 
-    Eager (default): float32 CPU Linear weights are stored column-major in place. One token at a
-    time, every Linear is a matrix-vector product that reads its whole weight. On
-    the development CPU (MKL, 2 cores), `x @ W` with W laid out (in, out), as GPT-2's original Conv1D
-    layers keep it, streams the weights faster than nn.Linear's (out, in) rows when the output is
-    at least as wide as the input (qkv, MLP up-projection, LM head), and slower for the MLP's
-    down-projection, which keeps its rows. End to end, gpt2-small batch-1 decoding went from 26.2
-    to 37.1 tok/s (all Linears column-major: 34.9; same-process A/B, README). Values, shapes, tied
-    weights and saved files are unchanged (saving makes tensors contiguous); only strides change.
-    bfloat16 weights are left alone (no gain measured there). The CPU weights then move into memory
-    backed by 2 MiB pages where Linux allows it (gptlab.speed.move_weights_to_huge_pages): reading
-    them once per token goes faster there.
+    Without the kernel, float32 CPU Linear weights whose output is at least as wide as their input
+    (qkv, MLP up-projection, LM head) are stored column-major in place: one token at a time every
+    Linear is a matrix-vector product, and MKL streams `x @ W` faster with W laid out (in, out), as
+    GPT-2's original Conv1D layers keep it, than over nn.Linear's (out, in) rows. Values, shapes,
+    tied weights and saved files are unchanged (saving makes tensors contiguous); only strides
+    change. bfloat16 weights are left alone. The CPU weights then move into memory backed by 2 MiB
+    pages where Linux allows it (`move_weights_to_huge_pages`): reading them once per token goes
+    faster there.
     """
     if kernel not in KERNEL_CHOICES:
         raise UsageError(f"kernel must be one of {', '.join(KERNEL_CHOICES)}, got {kernel!r}")

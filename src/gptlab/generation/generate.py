@@ -65,6 +65,7 @@ class _Setup:
     generator: torch.Generator | None
     use_cache: bool
     squeeze: bool = False  # a 1-D prompt came in: return 1-D
+    per_row: bool = False  # a list of prompts came in: return one tensor per prompt, without padding
 
 
 @dataclass
@@ -122,6 +123,7 @@ def _prepare(model: GPTModel, idx, settings: GenerationSettings, attention_mask:
         _check_int("pad_id", pad_id, 0, vocab - 1)
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
 
+    per_row = isinstance(idx, (list, tuple)) and bool(idx) and not all(isinstance(x, int) for x in idx)
     idx, attention_mask, squeeze = _as_batch(idx, attention_mask, pad_id)
     B, T = idx.shape
     if B == 0:
@@ -154,7 +156,7 @@ def _prepare(model: GPTModel, idx, settings: GenerationSettings, attention_mask:
     if attention_mask is not None:  # padding columns may hold anything; the embedding needs valid ids
         idx = idx.masked_fill(~attention_mask.to(device).bool(), pad_id)
     return _Setup(idx, pad, max_new_tokens, window, slide, float(temperature), top_k, top_p, eos_id, pad_id,
-                  generator, bool(settings.use_cache), squeeze)
+                  generator, bool(settings.use_cache), squeeze, per_row)
 
 
 def _as_batch(idx, attention_mask: Tensor | None, pad_id: int) -> tuple[Tensor, Tensor | None, bool]:
@@ -295,18 +297,20 @@ def generate(
     pad_id: int | None = None,
     seed: int | None = None,
     slide: int | None = None,
-) -> Tensor:
+) -> Tensor | list[Tensor]:
     """Prompt ids (B, T) -> prompt + up to `max_new_tokens` new ids, shape (B, T + n).
 
     idx: a (B, T) tensor (or (T,), returning (T + n,)), a list of ids, or a list of prompts of
-        different lengths (left-padded here with `pad_id`, see `pad_prompts`).
-    temperature 0 is greedy; top_k / top_p restrict sampling (order in gptlab.sampling).
+        different lengths, batched together (left-padded inside); for a list of prompts the result
+        is a list with one 1-D tensor per prompt: its ids and its new ids, never any padding (so
+        `token_ids_to_text(out[i])` is exactly that row's text), ending at its end-of-text.
+    temperature 0 is greedy; top_k / top_p restrict sampling (order in generation/sampling.py).
     eos_id: a row stops when it produces this id; it keeps the id, and later columns of that row
         hold `pad_id` (default: eos_id). The result ends after the last step any row needed, so it
         is shorter than T + max_new_tokens when every row stopped early.
     attention_mask: (B, T), 1 for real tokens and 0 for left padding of shorter prompts; each row
         then gets the same tokens as generating it alone. The output keeps the left padding
-        (as `pad_id`).
+        (as `pad_id`), as the input had it.
     generator / seed: sample from this generator (seed: a new one) and never touch the global RNG.
     context_size / slide: the window the model sees and how it slides (module docstring).
     use_cache: False runs the whole window through the model at every step (slow; for checking).
@@ -323,7 +327,17 @@ def generate(
     finally:
         model.train(was_training)
     out = buf[:, : state.length].contiguous()
+    if setup.per_row:
+        return [_row(out[i], setup.pad[i], setup.idx.shape[1], setup.eos_id) for i in range(out.shape[0])]
     return out[0] if setup.squeeze else out
+
+
+def _row(ids: Tensor, pad: int, prompt_width: int, eos_id: int | None) -> Tensor:
+    """One row of a batch without its padding: the prompt, then the new tokens up to its own end-of-text."""
+    new = ids[prompt_width:]
+    if eos_id is not None and bool((new == eos_id).any()):
+        new = new[: int((new == eos_id).nonzero()[0]) + 1]
+    return torch.cat([ids[pad:prompt_width], new])
 
 
 def _new_buffer(setup: _Setup) -> tuple[Tensor, _State]:

@@ -13,16 +13,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import GPTConfig
-from ..errors import GptlabError, UsageError
+from ..config import ALIASES, PRESETS, GPTConfig
+from ..errors import GptlabError, UsageError, did_you_mean
 from ..model import GPTModel
 from ..storage.safe_load import inspect_safetensors
 from .assemble import Spec, assemble
-from .book import load_book
+from .book import book_config, load_book, read_book_state
 from .download import (
     GPT2_SIZES,
     approx_bytes,
@@ -31,11 +32,19 @@ from .download import (
     download_model,
     is_complete,
 )
-from .hf import BIN_NAME, load_hf, looks_like_hf_config, save_hf
+from .hf import (
+    BIN_NAME,
+    SAFETENSORS_NAME,
+    config_from_hf,
+    hf_weight_files,
+    load_hf,
+    looks_like_hf_config,
+    save_hf,
+)
 from .native import CONFIG_NAME, WEIGHTS_NAME, expected_shapes
-from .openai import HPARAMS_NAME, is_openai_folder, load_openai
+from .openai import HPARAMS_NAME, config_from_hparams, is_openai_folder, load_openai
 
-__all__ = ["download_model", "load_pretrained", "save_hf"]
+__all__ = ["download_model", "identify", "load_pretrained", "read_config", "save_hf"]
 
 
 def _read_json(path: Path) -> object:
@@ -43,6 +52,23 @@ def _read_json(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def _gptlab_file_config(path: Path, meta: dict | None = None) -> GPTConfig:
+    """The config a bare gptlab .safetensors carries in its metadata, else the config.json beside it."""
+    if meta is None:
+        from safetensors import SafetensorError, safe_open
+
+        inspect_safetensors(path)
+        try:
+            meta = safe_open(str(path), framework="pt").metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            raise GptlabError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from None
+    if "gptlab_config" in meta:
+        return GPTConfig.from_dict(json.loads(meta["gptlab_config"]))
+    if (path.parent / CONFIG_NAME).is_file():
+        return GPTConfig.load(path.parent / CONFIG_NAME)
+    raise UsageError(f"{path} carries no gptlab config and there is no {CONFIG_NAME} beside it")
 
 
 def _load_gptlab(path: Path, config: GPTConfig | None, device, dtype) -> GPTModel:
@@ -57,12 +83,7 @@ def _load_gptlab(path: Path, config: GPTConfig | None, device, dtype) -> GPTMode
     except (SafetensorError, OSError) as exc:
         raise GptlabError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from None
     if config is None:
-        if "gptlab_config" in meta:
-            config = GPTConfig.from_dict(json.loads(meta["gptlab_config"]))
-        elif (path.parent / CONFIG_NAME).is_file():
-            config = GPTConfig.load(path.parent / CONFIG_NAME)
-        else:
-            raise UsageError(f"{path} carries no gptlab config and there is no {CONFIG_NAME} beside it")
+        config = _gptlab_file_config(path, meta)
     shapes, optional = expected_shapes(config)
     inspect_safetensors(path, shapes, optional)  # names and shapes must be this config's, before any read
     if config.tie_embeddings:
@@ -77,43 +98,86 @@ def _load_gptlab(path: Path, config: GPTConfig | None, device, dtype) -> GPTMode
     return assemble(config, specs, fetch, str(path), "the config", device, dtype)
 
 
-def _load_folder(path: Path, device, dtype) -> GPTModel:
+@dataclass(frozen=True)
+class Source:
+    """What a --model spec points at: its kind and the file or folder to read."""
+
+    kind: str  # openai | hf | gptlab | book | gpt2
+    path: Path
+    weights: Path | None = None  # hf: a weights file given directly; gptlab: the safetensors file
+    config: Path | None = None  # gptlab: the config.json beside the weights, if any
+
+
+def identify(path_or_name: str | os.PathLike) -> Source:
+    """Recognise a model source by its files (or a GPT-2 name), without reading any weights."""
+    path = Path(path_or_name)
+    if path.is_dir():
+        return _identify_folder(path)
+    if path.is_file():
+        return _identify_file(path)
+    if (key := canonical_gpt2(str(path_or_name))) is not None:
+        return Source("gpt2", Path(key))
+    raise UsageError(f"no model at {path}: give a GPT-2 name ({', '.join(GPT2_SIZES)}), a model folder, a run "
+                     f"folder or a weights file{did_you_mean(str(path_or_name), [*PRESETS, *ALIASES])}")
+
+
+def _identify_folder(path: Path) -> Source:
     if is_openai_folder(path):
-        return load_openai(path, device, dtype)
+        return Source("openai", path)
     config_path = path / CONFIG_NAME
     if config_path.is_file():
-        data = _read_json(config_path)
-        if looks_like_hf_config(data):
-            return load_hf(path, device, dtype)
+        if looks_like_hf_config(_read_json(config_path)):
+            if hf_weight_files(path) is None:
+                raise UsageError(f"{path} has a Hugging Face {CONFIG_NAME} but no weights ({SAFETENSORS_NAME} or "
+                                 f"{BIN_NAME}); copy the weights there")
+            return Source("hf", path)
         if (path / WEIGHTS_NAME).is_file():
-            return _load_gptlab(path / WEIGHTS_NAME, GPTConfig.load(config_path), device, dtype)
+            return Source("gptlab", path, path / WEIGHTS_NAME, config_path)
         if (path / "model.pth").is_file():  # a book checkpoint with its config.json
-            return load_book(path / "model.pth", device, dtype)
+            return Source("book", path / "model.pth")
+        raise UsageError(f"{path} has {CONFIG_NAME} but no weights file ({WEIGHTS_NAME}, {BIN_NAME} or a book "
+                         ".pth); copy the weights there, or point --model at the weights file")
     pths = sorted(path.glob("*.pth"))
     if len(pths) == 1:
-        return load_book(pths[0], device, dtype)
+        return Source("book", pths[0])
     raise UsageError(
         f"{path} holds no model gptlab recognises: expected {HPARAMS_NAME} + model.ckpt.* (OpenAI), "
         f"{CONFIG_NAME} + {WEIGHTS_NAME} (gptlab or Hugging Face), or a book .pth file"
     )
 
 
-def _load_file(path: Path, device, dtype) -> GPTModel:
+def _identify_file(path: Path) -> Source:
     suffix = path.suffix.lower()
     if path.name in (HPARAMS_NAME, "checkpoint") or ".ckpt" in path.name:
-        return load_openai(path.parent, device, dtype)
+        return Source("openai", path.parent)
     if suffix in (".pth", ".pt"):
-        return load_book(path, device, dtype)
+        return Source("book", path)
     if suffix == ".bin" or path.name == BIN_NAME:
-        return load_hf(path.parent, device, dtype, weights=path)
+        return Source("hf", path.parent, weights=path)
     if suffix == ".safetensors":
         beside = path.parent / CONFIG_NAME
         if beside.is_file() and looks_like_hf_config(_read_json(beside)):
-            return load_hf(path.parent, device, dtype, weights=path)
-        return _load_gptlab(path, None, device, dtype)
+            return Source("hf", path.parent, weights=path)
+        return Source("gptlab", path.parent, path, None)
     if path.name == CONFIG_NAME:
-        return _load_folder(path.parent, device, dtype)
+        return _identify_folder(path.parent)
     raise UsageError(f"{path}: not a weights file gptlab reads (.safetensors, .pth, .bin, or a model folder)")
+
+
+def read_config(path_or_name: str | os.PathLike) -> GPTConfig:
+    """The GPTConfig of any source load_pretrained accepts, reading configs only (a book .pth: its tensors' shapes)."""
+    source = identify(path_or_name)
+    if source.kind == "gpt2":
+        return PRESETS[str(source.path)]
+    if source.kind == "openai":
+        return config_from_hparams(source.path / HPARAMS_NAME)
+    if source.kind == "hf":
+        return config_from_hf(_read_json(source.path / CONFIG_NAME), str(source.path / CONFIG_NAME))
+    if source.kind == "book":
+        return book_config(read_book_state(source.path), source.path)[0]
+    if source.config is not None:
+        return GPTConfig.load(source.config)
+    return _gptlab_file_config(source.weights)
 
 
 def _load_name(key: str, device, dtype) -> GPTModel:
@@ -138,18 +202,18 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
 ) -> GPTModel:
     """A ready model (eval mode) from any of the five sources above; every shape is checked."""
-    path = Path(path_or_name)
-    if path.is_dir():
-        model = _load_folder(path, device, dtype)
-    elif path.is_file():
-        model = _load_file(path, device, dtype)
-    elif (key := canonical_gpt2(str(path_or_name))) is not None:
-        model = _load_name(key, device, dtype)
+    source = identify(path_or_name)
+    if source.kind == "gpt2":
+        model = _load_name(str(source.path), device, dtype)
+    elif source.kind == "openai":
+        model = load_openai(source.path, device, dtype)
+    elif source.kind == "hf":
+        model = load_hf(source.path, device, dtype, weights=source.weights)
+    elif source.kind == "book":
+        model = load_book(source.path, device, dtype)
     else:
-        raise UsageError(
-            f"no model at {path}: give a GPT-2 name ({', '.join(GPT2_SIZES)}), a model folder, a run folder "
-            "or a weights file"
-        )
+        config = GPTConfig.load(source.config) if source.config is not None else None
+        model = _load_gptlab(source.weights, config, device, dtype)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..model import GPTModel
+from ..storage.download import gptlab_home
 from ..storage.files import write_json
 from .assemble import assemble, gpt2_specs, squeeze_transpose
 from .tf_checkpoint import TFCheckpoint, find_prefix
@@ -51,17 +53,24 @@ def _data_stamp(prefix: Path) -> dict:
     return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in shards}
 
 
+def verified_marker(prefix: Path) -> Path:
+    """Where the note that a checkpoint's CRCs checked out lives: gptlab's cache, one file per checkpoint."""
+    key = hashlib.sha256(str(Path(prefix).resolve()).encode()).hexdigest()[:16]
+    return gptlab_home() / "verified" / f"{key}.json"
+
+
 def load_openai(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 verify: bool | None = None) -> GPTModel:
     """Load an OpenAI GPT-2 folder; tensors are read from a memory map and CRC-checked.
 
-    verify=None checks the CRCs once and leaves a marker (`PREFIX.verified`, keyed by the data files'
-    size and mtime) so later loads skip the check (~3-10 s for 124M with numpy); True always checks.
+    verify=None checks the CRCs once and remembers it in gptlab's cache ($GPTLAB_HOME/verified, keyed by
+    the folder and the data files' size and mtime; never in the user's own folder, which may be
+    read-only or shared) so later loads skip the check (~3-10 s for 124M with numpy); True always checks.
     """
     folder = Path(folder)
     config = config_from_hparams(folder / HPARAMS_NAME)
     prefix = find_prefix(folder)
-    marker = Path(f"{prefix}.verified")
+    marker = verified_marker(prefix)
     stamp = _data_stamp(prefix)
     if verify is None:
         try:

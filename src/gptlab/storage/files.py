@@ -1,7 +1,10 @@
 """Crash-safe file writing: write to a temporary file, fsync, then rename over the target.
 
-A reader never sees a half-written file: either the old content or the new one. The temporary file
-lives in the target's folder so the final rename stays on one filesystem (and so is atomic).
+A reader never sees a half-written file: either the old content or the new one. Temporary files live
+in a hidden folder, `.gptlab-tmp`, inside the target's folder: the final rename stays on one filesystem
+(and so is atomic), and whatever a killed writer left there -- gptlab's temporary file, or one a
+library made beside it while writing through it (safetensors does) -- is removed as a whole by the
+next run that holds the folder's lock (`remove_stale_temp_files`).
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,21 +43,45 @@ def _umask() -> int:
     return mask
 
 
+TEMP_DIR = ".gptlab-tmp"
+# Temporary files older gptlab versions and libraries left directly in a folder: `.NAME.XXXX.tmp`
+# (gptlab) and `.tmpXXXXXX` (safetensors' own atomic write).
+_LOOSE_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
+
+
+def _temp_file(target: Path) -> Path:
+    folder = target.parent / TEMP_DIR
+    for attempt in range(2):  # another writer may remove the (empty) folder between mkdir and mkstemp
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            return Path(name)
+        except FileNotFoundError:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _drop_temp_folder(folder: Path) -> None:
+    """Remove the temporary folder once it is empty (another writer may still be using it)."""
+    with contextlib.suppress(OSError):
+        (folder / TEMP_DIR).rmdir()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; on success it is fsynced and renamed onto `target`.
+    """Yield a temporary path for `target`; on success it is fsynced and renamed onto `target`.
 
     On any exception the temporary file is removed and `target` is left untouched.
     """
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
+    target = folder / target.name
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        tmp = _temp_file(target)
     except OSError as exc:
         raise GptlabError(f"cannot write {target}: {exc.strerror or exc}; choose a writable folder") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
@@ -71,6 +100,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
                 "(the previous file, if any, is intact)"
             ) from exc
         raise
+    finally:
+        _drop_temp_folder(folder)
 
 
 @contextlib.contextmanager
@@ -140,8 +171,20 @@ class RunLock:
         self.release()
 
 
-def remove_stale_temp_files(folder: Path, names: Iterable[str]) -> None:
-    """Temporary files a killed writer left behind (never under a final name); call it holding the folder's lock."""
-    for name in names:
-        for tmp in folder.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Remove what killed writers left in `folder`: the `.gptlab-tmp` folder and loose temporary files.
+
+    Call it only while holding the folder's RunLock: then no live gptlab process is writing there.
+    Returns the names removed.
+    """
+    folder = Path(folder)
+    removed = []
+    temp = folder / TEMP_DIR
+    if temp.is_dir():
+        removed += [f"{TEMP_DIR}/{p.name}" for p in temp.iterdir()]
+        shutil.rmtree(temp, ignore_errors=True)
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.is_file() and _LOOSE_TEMP.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed

@@ -8,8 +8,9 @@ everything here falls back to a single process (no process group), so one code p
 
 State dicts use torch.distributed.checkpoint's "full" form: plain names (no `module.` or
 `_orig_mod.`), whole tensors, the optimizer keyed by parameter name. That form does not depend on the
-strategy or the number of ranks, so a checkpoint written by 2 FSDP ranks resumes on 4 DDP ranks or on
-one process.
+strategy or the number of ranks: these helpers load a checkpoint written by 2 FSDP ranks into 4 DDP
+ranks or one process. (`gptlab train --resume` still asks for the same number of ranks, because the
+global batch, and with it the data order, depends on it: `check_world_size`.)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ class _Run:
     epoch_start: torch.Tensor  # the loader's RNG state when the current epoch began
     last_lr: float = 0.0
     skipped: int = 0  # non-finite batches skipped in this session (skip_nonfinite)
+    last_sample_step: int = 0
     interrupted: bool = False
     sample: SampleFn | None = None
     extra_metrics: MetricsFn | None = None
@@ -126,7 +128,7 @@ class _Run:
         return TrainResult(
             train_losses=[m["train_loss"] for m in metrics], val_losses=[m["val_loss"] for m in metrics],
             tokens_seen=[m["tokens_seen"] for m in metrics], steps=[m["step"] for m in metrics],
-            metrics=metrics, state=self.state, interrupted=self.interrupted, out_dir=self.out,
+            metrics=metrics, state=self.state, interrupted=self.interrupted, out_dir=self.out, config=self.cfg,
         )
 
 
@@ -147,6 +149,10 @@ def _start(model, train_loader, val_loader, cfg: TrainConfig, optimizer, device,
     n_batches = len(train_loader)
     total_steps = planned_steps(cfg, math.ceil(n_batches / cfg.grad_accum))
     decay_steps = cfg.decay_steps or total_steps
+    if 0 < total_steps <= cfg.warmup_steps and cfg.lr:
+        warnings.warn(f"the warmup of {cfg.warmup_steps} steps is not shorter than the run's {total_steps} steps, "
+                      f"so the learning rate never reaches its peak of {cfg.lr:g}; lower --warmup-steps",
+                      stacklevel=3)
     state, loader_state = TrainState(), {}
     if resume:
         state, loader_state, extra = restore_training_state(out / CHECKPOINT_NAME, model, optimizer, precision.scaler)
@@ -181,7 +187,8 @@ def _run_epoch(run: _Run, stop: StopRequest, on_step: Callable[[TrainState], Non
             # generator on exhaustion, and the next epoch's order depends on it.
             for _ in batches:
                 pass
-            _log_sample(run)
+            if state.step - run.last_sample_step >= cfg.eval_every:
+                _log_sample(run)  # after an epoch, but not more often than evaluations: samples cost time
             state.epoch += 1
             state.batches_done = 0
         if cfg.save_every and state.step % cfg.save_every == 0 and state.step < run.total_steps:
@@ -213,8 +220,8 @@ def _step(run: _Run, batches: Iterator) -> None:
 def _finish(run: _Run) -> None:
     """Where the run stops: a sample if it stopped inside an epoch, and an evaluation of the final step."""
     state = run.state
-    if state.batches_done:
-        _log_sample(run)  # stopped by max_steps inside an epoch: still show where the model stands
+    if run.last_sample_step != state.step:
+        _log_sample(run)  # where the model stands at the end
     if not state.metrics or state.metrics[-1]["step"] != state.step:
         # An evaluation only because the run stops here: iterating the train loader draws from its
         # RNG, so put that back, or a later --resume with more steps would get other batches than a
@@ -245,6 +252,7 @@ def _evaluate(run: _Run) -> None:
 
 
 def _log_sample(run: _Run) -> None:
+    run.last_sample_step = run.state.step
     if run.sample is not None:
         text = run.sample(run.model, run.state.step)
         if text:
@@ -311,7 +319,7 @@ def _resume_batches(loader: DataLoader, skip: int, loader_state: dict) -> Iterat
     also account for any evaluations that iterated the loader since.
     """
     _set_loader_rng(loader, loader_state["epoch_start"])
-    if hasattr(loader, "iter_from"):  # a prepared-folder loader jumps there without reading (train_data.py)
+    if hasattr(loader, "iter_from"):  # a prepared-folder loader jumps there without reading (data/prepared.py)
         batches = loader.iter_from(skip)
     else:
         batches = iter(loader)

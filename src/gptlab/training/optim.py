@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from ..hardware import DTYPES
+from ..hardware import DTYPES, warn_if_slow_bfloat16
 from .settings import TrainConfig
 
 
@@ -65,10 +65,13 @@ class Precision:
 
 
 def make_precision(name: str, device: torch.device) -> Precision:
-    """`auto` is bf16 on GPUs that have it, else float32; fp16 gets a gradient scaler."""
+    """`auto` is bf16 on GPUs that have it, else float32 (never bfloat16 on a CPU that only emulates it);
+    fp16 gets a gradient scaler."""
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     dtype = DTYPES[name]
+    if dtype == torch.bfloat16:
+        warn_if_slow_bfloat16(device)
     if dtype != torch.float32:
         try:
             with torch.autocast(device.type, dtype=dtype):

@@ -19,7 +19,11 @@ PLOT_NAME = "loss.png"
 
 
 class Reporter:
-    """A tqdm bar (loss, lr, tokens/s) unless quiet; log lines that do not break the bar."""
+    """A tqdm bar (loss, lr, tokens/s) on a terminal unless quiet; log lines that do not break the bar.
+
+    Written to a file or a pipe, a bar would only fill the log with carriage-return frames: there the
+    log lines (evaluations, samples) are the record.
+    """
 
     def __init__(self, quiet: bool, total: int, initial: int, flops_per_token: float = 0.0,
                  peak_tflops: float | None = None) -> None:
@@ -27,7 +31,7 @@ class Reporter:
         self.main = is_main_process()  # only rank 0 of a torchrun job reports
         self.flops_per_token = flops_per_token  # with a known peak the bar shows MFU
         self.peak_tflops = peak_tflops
-        if not quiet and self.main:
+        if not quiet and self.main and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             total_steps = None if math.isinf(total) else total

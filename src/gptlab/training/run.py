@@ -23,14 +23,24 @@ import torch
 
 from ..config import GPTConfig
 from ..data.prepared import prepared_folder, prepared_split
-from ..data.text import DataSplit, load_documents, make_loaders, tokenize_documents
+from ..data.text import (
+    DataSplit,
+    data_files,
+    is_corpus_name,
+    load_documents,
+    make_loaders,
+    tokenize_documents,
+)
+from ..data.tokenfile import META_NAME, TRAIN_NAME, VAL_NAME
 from ..errors import GptlabError, UsageError
 from ..hardware import resolve_device
 from ..model import GPTModel, unwrap_model
 from ..pretrained import load_pretrained
 from ..pretrained.native import CONFIG_NAME, WEIGHTS_NAME
-from ..pretrained.resolve import resolve_config
+from ..pretrained.resolve import RANDOM_PREFIX, is_random_spec, resolve_config
+from ..storage.download import sha256_file
 from ..storage.files import RunLock, remove_stale_temp_files, write_json
+from ..tokenizer import ENDOFTEXT, decode
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, check_same_config, read_checkpoint
 from .loop import train
@@ -51,6 +61,11 @@ def run_training(run_cfg: RunConfig, cfg: TrainConfig, out: str | os.PathLike | 
     """Train as `gptlab train` does: check, load data, build the model, train into `out`, resume."""
     out = Path(out) if out is not None else default_out_dir()
     check_out_dir(out, resume, force)
+    if resume:
+        check_data_unchanged(run_cfg.data_files or [])
+    else:
+        run_cfg = absolute_paths(run_cfg)
+        run_cfg = dataclasses.replace(run_cfg, data_files=record_data(run_cfg.data))
     # Settled before joining the job, so a wrong --strategy fails at once on every rank.
     strategy = D.pick_strategy(run_cfg.strategy, log if os.environ.get("RANK", "0") == "0" else _quiet)
     info = D.setup(resolve_device(cfg.device))
@@ -66,8 +81,9 @@ def run_training(run_cfg: RunConfig, cfg: TrainConfig, out: str | os.PathLike | 
     split = prepare_data(run_cfg, cfg.seed, model.config, info.device)
     if checkpoint is not None and checkpoint["extra"].get("data_fingerprint") not in (None, split.fingerprint):
         raise UsageError(f"the training data changed since the run in {out} started; resume needs the same data")
-    if cfg.sample_prompt is None and not run_cfg.data:
-        cfg = dataclasses.replace(cfg, sample_prompt=BUILTIN_SAMPLE_PROMPT)
+    if cfg.sample_prompt is None:
+        cfg = dataclasses.replace(cfg, sample_prompt=BUILTIN_SAMPLE_PROMPT if not run_cfg.data else
+                                  validation_start(split))
     if cfg.decay_steps is None:  # fix the cosine length now, so a later --max-steps does not reshape it
         steps_per_epoch = math.ceil(len(split.train_loader) / cfg.grad_accum)
         cfg = dataclasses.replace(cfg, decay_steps=planned_steps(cfg, steps_per_epoch))
@@ -88,16 +104,27 @@ def _log_plan(log, split: DataSplit, run_cfg: RunConfig, model: GPTModel, info: 
     log(f"data: {split.total_tokens:,} tokens ({split.train_tokens:,} train, {split.val_tokens:,} validation); "
         f"{len(split.train_loader)} batches of {run_cfg.batch_size} x {context_of(split)} per epoch"
         + (f" on each of {info.world_size} ranks ({strategy})" if info.world_size > 1 else ""))
-    log(f"model: {model.num_parameters():,} parameters; device {info.device}; output {out}")
+    origin = "random weights" if not run_cfg.init and is_random_spec(run_cfg.model) else \
+        f"the weights of {run_cfg.init or run_cfg.model}"
+    log(f"model: {model.num_parameters():,} parameters, from {origin}; device {info.device}; output {out}")
 
 
 def _write_run_files(out: Path, resume: bool, model: torch.nn.Module, run_cfg: RunConfig, cfg: TrainConfig) -> None:
     """Under the lock: clear a replaced run, drop a killed writer's leftovers, write config and settings."""
     if not resume:
         remove_run_files(out, RUN_FILES)
-    remove_stale_temp_files(out, RUN_FILES)
+    remove_stale_temp_files(out)
     unwrap_model(model).config.save(out / CONFIG_NAME)
     write_json(out / TRAIN_CONFIG_NAME, {**run_cfg.to_dict(), **cfg.to_dict()})
+
+
+def validation_start(split: DataSplit, words: int = 4) -> str:
+    """The first few words of the validation text: a sample prompt that belongs to the user's own corpus."""
+    dataset = split.val_loader.dataset
+    ids = dataset.token_ids if hasattr(dataset, "token_ids") else dataset.tokens
+    text = decode([int(i) for i in ids[:32]]).replace(ENDOFTEXT, " ").replace("\ufffd", "")
+    start = " ".join(text.split()[:words])
+    return start if len(start) <= 40 else start[:12]  # scripts written without spaces: a few characters
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -146,7 +173,10 @@ def load_saved_settings(out: Path) -> tuple[RunConfig, TrainConfig]:
 
 
 def resume_settings(out: Path, explicit: dict) -> tuple[RunConfig, TrainConfig]:
-    """The run's saved settings with the options given now laid over them."""
+    """The run's saved settings with the options given now laid over them (paths compared as absolute)."""
+    given_paths = {k: explicit[k] for k in ("data", "model", "init") if k in explicit}
+    absolute = absolute_paths(RunConfig(**given_paths))
+    explicit = {**explicit, **{k: getattr(absolute, k) for k in given_paths}}
     saved_run, saved_train = load_saved_settings(out)
     saved = {**saved_run.to_dict(), **saved_train.to_dict()}
     for name in FIXED_ON_RESUME:
@@ -159,6 +189,47 @@ def resume_settings(out: Path, explicit: dict) -> tuple[RunConfig, TrainConfig]:
     return split_settings({**saved, **explicit})
 
 
+def absolute_paths(run_cfg: RunConfig) -> RunConfig:
+    """Data, --model and --init paths made absolute, so that a run resumes from any working folder."""
+    data = [d if is_corpus_name(d) else str(Path(d).resolve()) for d in run_cfg.data] if run_cfg.data else None
+    return dataclasses.replace(run_cfg, data=data, model=_absolute_if_path(run_cfg.model),
+                               init=_absolute_if_path(run_cfg.init))
+
+
+def _absolute_if_path(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    prefix = RANDOM_PREFIX if spec.startswith(RANDOM_PREFIX) else ""
+    path = Path(spec[len(prefix):])
+    return f"{prefix}{path.resolve()}" if path.exists() else spec
+
+
+def record_data(data: list[str] | None) -> list[dict]:
+    """Path, size and sha256 of every file the run reads (a prepared folder: meta.json, and the token files'
+    sizes, since meta.json already holds the sha256 of every source)."""
+    folder = prepared_folder(data)
+    if folder is not None:
+        files = [(folder / META_NAME, True), (folder / TRAIN_NAME, False), (folder / VAL_NAME, False)]
+    else:
+        files = [(path, True) for path in data_files(data)]
+    return [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size,
+             "sha256": sha256_file(p) if hashed else None} for p, hashed in files]
+
+
+def check_data_unchanged(records: list[dict]) -> None:
+    """Refuse to resume when a file the run read is gone or changed (by size or sha256)."""
+    for record in records:
+        path = Path(record["path"])
+        if not path.is_file():
+            raise UsageError(f"data file {path} is gone since the run started; put it back to resume, or start "
+                             "a new run")
+        size = path.stat().st_size
+        if size != record["bytes"] or (record["sha256"] and sha256_file(path) != record["sha256"]):
+            raise UsageError(f"data file {path} changed since the run started ({record['bytes']:,} bytes then, "
+                             f"{size:,} now{'' if size != record['bytes'] else ', other content'}); resume "
+                             "needs the same data: restore it, or start a new run")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -166,16 +237,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(run_cfg: RunConfig) -> GPTModel:
-    """Random weights for a preset/config.json (`--model`), or the weights of `--init`."""
-    if run_cfg.init:
-        base = load_pretrained(run_cfg.init).train()
+    """The model to train: random weights for an architecture (a preset, a config.json, random:NAME), or
+    the weights --init (or --model) names, as every verb reads --model (pretrained/resolve.py)."""
+    spec = run_cfg.init or run_cfg.model
+    if run_cfg.init or not is_random_spec(spec):
+        base = load_pretrained(spec).train()
         config = base.config.replace(drop_rate=run_cfg.drop_rate)
         if config == base.config:
             return base
         model = GPTModel(config)
         model.load_state_dict(base.state_dict())
         return model
-    config = resolve_config(run_cfg.model)
+    config = resolve_config(spec)
     context = run_cfg.context_length or config.context_length
     check_context(context, config.context_length)
     # A fresh model gets exactly the training context: positions it never trains on would be noise.

@@ -158,6 +158,8 @@ class RunConfig(_Settings):
     stride: int | None = setting(None, "step between windows (default: the context length)", "positive",
                                  group="data")
     num_workers: int = setting(0, "data-loader worker processes", "count", group="data")
+    data_files: list[dict] | None = setting(None, "every file the run reads, with its size and sha256: checked when "
+                                            "the run resumes", cli=False)
     model: str = setting("gpt-nano", "the architecture to train from random weights: a preset name or a "
                          "config.json", "text", group="model")
     init: str | None = setting(None, "start from these weights instead: anything --model accepts elsewhere (a "
@@ -215,3 +217,4 @@ class TrainResult:
     state: TrainState
     interrupted: bool = False
     out_dir: Path | None = None
+    config: TrainConfig | None = None  # the settings the loop ran with
