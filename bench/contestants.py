@@ -93,7 +93,7 @@ class Gptlab:
 
     @staticmethod
     def for_decoding(model):
-        from gptlab.generation.cpu import prepare_for_decoding
+        from gptlab.generation.decoding import prepare_for_decoding
 
         # as `gptlab generate --cpu-kernel on` does: each batch-1 step in the C kernel over repacked weights (built
         # or loaded from its cache here, not in the timed runs); batches keep the eager forward

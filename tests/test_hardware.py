@@ -97,7 +97,7 @@ def test_moving_weights_keeps_values_ties_strides_and_results(tmp_path):
     import torch
 
     from gptlab import GPTModel, generate
-    from gptlab.generation.cpu import move_weights_to_huge_pages
+    from gptlab.generation.decoding import move_weights_to_huge_pages
     from gptlab.pretrained.native import load_model, save_model
     from tests.helpers import tiny_config
 

@@ -60,7 +60,7 @@ _LAZY = {
     "generate": "generation.generate",
     "pad_prompts": "generation.generate",
     "stream_generate": "generation.generate",
-    "prepare_for_decoding": "generation.cpu",
+    "prepare_for_decoding": "generation.decoding",
     "next_token_probs": "generation.sampling",
     "sample_next": "generation.sampling",
     "explain_sampling": "generation.explain",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gptlab import GPTModel, UsageError, load_model, save_model
-from gptlab.generation.cpu import prepare_for_decoding
+from gptlab.generation.decoding import prepare_for_decoding
 from gptlab.generation.generate import TokenTextDecoder, generate, pad_prompts, stream_generate
 from gptlab.tokenizer import decode, encode
 from tests.helpers import tiny_config

@@ -11,7 +11,7 @@ import torch
 
 from gptlab import GPTModel
 from gptlab.generation import kernel
-from gptlab.generation.cpu import prepare_for_decoding
+from gptlab.generation.decoding import prepare_for_decoding
 from gptlab.generation.generate import generate
 from gptlab.pretrained.native import save_model
 from tests.helpers import run_cli, tiny_config

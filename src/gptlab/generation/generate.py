@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
-from ..model import GPTModel
+from ..model import GPTModel, KVCache
 from .sampling import check_sampling_args, sample_next
 
 
@@ -239,32 +239,46 @@ class _Windows:
         return torch.tensor([[length - 1 - s] for s in self.start], device=self.device)
 
 
+def _new_cache(model: GPTModel, batch_size: int, length: int) -> KVCache:
+    """The compiled decoder's static cache where one is attached and fits, else a cache sized to the run."""
+    compiled = model.compiled_decoder
+    cache = compiled.kv_cache(batch_size) if compiled is not None else None
+    return cache if cache is not None else model.make_kv_cache(batch_size, length)
+
+
+def prefill(model: GPTModel, windows: _Windows, buf: Tensor, length: int, cache: KVCache | None) -> Tensor:
+    """Run every row's window in full (the prompt, or a window that slid), refilling the cache."""
+    ids, mask, pos = windows.inputs(buf, length)
+    if cache is not None:
+        cache.reset()
+    return model(ids, kv_cache=cache, attention_mask=mask, position_ids=pos, last_only=True)
+
+
+def decode_one_token(model: GPTModel, windows: _Windows, buf: Tensor, length: int, cache: KVCache) -> Tensor:
+    """Only the newest token goes through the model; every earlier one is in the cache."""
+    idx, positions = buf[:, length - 1 : length], windows.next_positions(length)
+    compiled = model.compiled_decoder
+    if compiled is not None and compiled.applies(idx, cache):
+        return compiled(idx, cache, positions)
+    return model(idx, kv_cache=cache, position_ids=positions, last_only=True)
+
+
 def _decode(model: GPTModel, setup: _Setup, state: _State, buf: Tensor) -> Iterator[Tensor]:
     """The generation loop: writes each step's ids (B,) into `buf` and yields them."""
     windows = _Windows(setup)
-    W = setup.window
-    # Sized to what this run can use (a whole-context cache would be zero-filled for nothing).
-    cache_len = min(W, buf.shape[1] - min(windows.start))
-    cache = model.make_kv_cache(setup.idx.shape[0], cache_len) if setup.use_cache else None
     B, eos, temperature = buf.shape[0], setup.eos_id, setup.temperature
+    # Sized to what this run can use (a whole-context cache would be zero-filled for nothing).
+    cache = _new_cache(model, B, min(setup.window, buf.shape[1] - min(windows.start))) if setup.use_cache else None
     done = torch.zeros(B, dtype=torch.bool, device=buf.device) if eos is not None else None
     pad_tok = torch.full((B,), setup.pad_id, dtype=buf.dtype, device=buf.device)
     state.done = done
     length = state.length
-    need_prefill = True
     for step in range(setup.max_new_tokens):
-        if step:
-            need_prefill = windows.advance(length) or cache is None
-        if need_prefill:
-            ids, mask, pos = windows.inputs(buf, length)
-            if cache is not None:
-                cache.reset()
-            logits = model(ids, kv_cache=cache, attention_mask=mask, position_ids=pos, last_only=True)
+        if step == 0 or windows.advance(length) or cache is None:
+            logits = prefill(model, windows, buf, length, cache)
             state.prefills += 1
         else:
-            # Only the newest token goes through the model; every earlier one is in the cache.
-            logits = model(buf[:, length - 1 : length], kv_cache=cache,
-                           position_ids=windows.next_positions(length), last_only=True)
+            logits = decode_one_token(model, windows, buf, length, cache)
         tok = sample_next(logits[:, -1], temperature, setup.top_k, setup.top_p, setup.generator)
         if done is not None and B > 1:
             tok = torch.where(done, pad_tok, tok)  # finished rows only grow padding

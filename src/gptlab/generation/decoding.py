@@ -1,4 +1,4 @@
-"""Faster batch-1 decoding on CPU: the C kernel where it applies, else a faster layout of the eager weights."""
+"""How decoding runs fast: the C kernel for batch-1 steps on CPU, compiled steps over static caches (GPU), and the eager weights' layout."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ from .kernel import use_kernel_decoding
 KERNEL_CHOICES = ("auto", "on", "off")
 
 
-def prepare_for_decoding(model: GPTModel, kernel: str = "auto") -> GPTModel:
-    """Make batch-1 decoding on CPU faster; results stay the same up to float rounding. Returns `model`.
+def prepare_for_decoding(model: GPTModel, kernel: str = "auto", compile: bool = False,
+                         max_batch: int = 8) -> GPTModel:
+    """Make decoding faster; results stay the same up to float rounding. Returns `model`.
+
+    compile=True: single-token steps of batches up to `max_batch` run compiled with torch.compile over
+    static caches, in a CUDA graph on a GPU (generation/compiled.py); the first steps of each batch size
+    pay the compilation.
 
     kernel "auto" (default) or "on": each batch-1 step on CPU (float32 or bfloat16 weights; single
     tokens and prompts of up to 64 tokens) runs in a small C kernel (generation/kernel.py) over its
@@ -35,6 +40,10 @@ def prepare_for_decoding(model: GPTModel, kernel: str = "auto") -> GPTModel:
     """
     if kernel not in KERNEL_CHOICES:
         raise UsageError(f"kernel must be one of {', '.join(KERNEL_CHOICES)}, got {kernel!r}")
+    if compile:
+        from .compiled import CompiledDecoder
+
+        model.compiled_decoder = CompiledDecoder(model, max_batch=max_batch)
     if kernel != "off" and use_kernel_decoding(model, warn=kernel == "on"):
         return model
     for module in model.modules():
