@@ -139,3 +139,21 @@ def test_eval_batches_cover_every_window_once_with_equal_batch_counts(tmp_path):
         for batches in per_rank:
             for x, y, _ in batches:
                 assert x.shape == (4, 3) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_prefetched_batches_are_the_same_and_the_reader_stops_when_abandoned(tmp_path):
+    import threading
+
+    data = TokenFileDataset(write_tokens(tmp_path / "t.bin", np.arange(500) % 50257), context_length=8)
+    plain = list(iter_batches(data, WindowBatchSampler(len(data), 4, seed=3, epochs=2)))
+    ahead = list(iter_batches(data, WindowBatchSampler(len(data), 4, seed=3, epochs=2), prefetch=2))
+    assert len(plain) == len(ahead) > 10
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, ahead, strict=True))
+    endless = iter_batches(data, WindowBatchSampler(len(data), 4, seed=3), prefetch=2)  # a training stream
+    next(endless)
+    endless.close()  # the loop stopped early: the reading thread must end too
+    for _ in range(50):
+        if not any(t.name == "gptlab-prefetch" for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.05)
+    assert not any(t.name == "gptlab-prefetch" for t in threading.enumerate())

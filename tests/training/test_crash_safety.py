@@ -104,6 +104,23 @@ def test_nan_loss_stops_naming_step_or_is_skipped(setup, reference):
     assert skipped[-1][0] == 8 and all(v == v for _, a, b in skipped for v in (a, b))  # no NaN reached the weights
 
 
+def test_the_nan_check_on_the_device_gives_the_same_run(setup, reference):
+    """--sync-every 4: the loss is looked at every 4 steps and a non-finite one is kept off the weights by
+    the fused optimizer itself (on a GPU, no synchronisation per step): the same run as looking every step."""
+    looked, skip, stop, skip1 = (setup / name for name in ("sync4", "sync4-skip", "sync4-stop", "sync1-skip"))
+    nan = {**ENV, "GPTLAB_FAULT": "nan-at-step:3"}
+    with ThreadPoolExecutor(2) as pool:
+        p_looked, p_skip, p_stop, p_skip1 = pool.map(lambda a: run_cli(*a[0], env=a[1]), [
+            (train_args(setup, looked, "--sync-every", "4"), ENV),
+            (train_args(setup, skip, "--sync-every", "4", "--skip-nonfinite", "1"), nan),
+            (train_args(setup, stop, "--sync-every", "4"), nan),
+            (train_args(setup, skip1, "--skip-nonfinite", "1"), nan)])
+    assert p_looked.returncode == 0 and losses(looked) == reference, p_looked.stderr
+    assert p_skip.returncode == 0 and p_skip1.returncode == 0 and "skipped that batch" in p_skip.stdout
+    assert losses(skip) == losses(skip1)  # the same fault, looked at every step
+    assert_clean_error(p_stop, 1, "loss is nan at step 3")
+
+
 def _start(setup, out, *extra):
     env = {**__import__("os").environ, **ENV, "PYTHONPATH": SRC, "GPTLAB_FAULT": "slow-step:300"}
     return subprocess.Popen([sys.executable, "-m", "gptlab", *train_args(setup, out, "--max-steps", "300", *extra)],

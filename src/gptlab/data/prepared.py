@@ -85,8 +85,9 @@ class PreparedLoader:
         start = epoch * n + skip * self.batch_size * self.world_size
         sampler = WindowBatchSampler(n, self.batch_size, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
                                      world_size=self.world_size, start=start)
-        pin = self.device is not None and self.device.type == "cuda"
-        batches = iter_batches(self.dataset, sampler, device=self.device, pin_memory=pin)
+        cuda = self.device is not None and self.device.type == "cuda"
+        # On a GPU, pinned batches read two ahead: the copies and reads overlap the model's work.
+        batches = iter_batches(self.dataset, sampler, device=self.device, pin_memory=cuda, prefetch=2 if cuda else 0)
         return (next(batches) for _ in range(max(0, len(self) - skip)))
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,19 +183,58 @@ def iter_batches(
     sampler: WindowBatchSampler,
     device: torch.device | str | None = None,
     pin_memory: bool = False,
+    prefetch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) int64 batches of shape (B, context_length) in the sampler's order, without a DataLoader.
 
     Each batch is one vectorised read from the memory map; `pin_memory` + a CUDA device gives an
-    asynchronous (non-blocking) copy.
+    asynchronous (non-blocking) copy. `prefetch` > 0 reads (and pins) that many batches ahead in a
+    background thread, so the reads overlap the model's work on the device.
     """
-    for indices in sampler:
-        chunk = torch.from_numpy(dataset.window(indices))
-        if pin_memory and torch.cuda.is_available():
-            chunk = chunk.pin_memory()
+    chunks = (_read_chunk(dataset, indices, pin_memory) for indices in sampler)
+    if prefetch > 0:
+        chunks = _ahead(chunks, prefetch)
+    for chunk in chunks:
         if device is not None:
             chunk = chunk.to(device, non_blocking=pin_memory)
         yield chunk[:, :-1], chunk[:, 1:]
+
+
+def _read_chunk(dataset: TokenFileDataset, indices: list[int], pin_memory: bool) -> torch.Tensor:
+    chunk = torch.from_numpy(dataset.window(indices))
+    return chunk.pin_memory() if pin_memory and torch.cuda.is_available() else chunk
+
+
+def _ahead(items: Iterator, depth: int) -> Iterator:
+    """`items` produced up to `depth` ahead by a background thread; stops that thread when abandoned."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # hand the reader's error to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="gptlab-prefetch")
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def eval_batches(

@@ -227,6 +227,16 @@ def all_reduce_mean(value: float | torch.Tensor, device: torch.device | str | No
     return all_reduce_sum(value, device) / get_world_size()
 
 
+def all_reduce_mean_tensor(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a 0-d tensor over all ranks, as a tensor on its device: no host-device synchronisation."""
+    if get_world_size() <= 1:
+        return value.detach()
+    total = value.detach().clone()
+    with translate_errors():
+        dist.all_reduce(total)
+    return total / get_world_size()
+
+
 def all_reduce_sum(value: float | torch.Tensor, device: torch.device | str | None = None) -> float:
     """Sum of a scalar over all ranks (e.g. loss sums and token counts for an exact mean)."""
     if isinstance(value, torch.Tensor):

@@ -37,7 +37,7 @@ from .distributed import is_main_process
 from .optim import Precision, build_optimizer, lr_at, make_precision, planned_steps, set_lr
 from .report import METRICS_NAME, Reporter, write_metrics
 from .settings import TrainConfig, TrainResult, TrainState
-from .step import evaluate_model, sample_text, train_step
+from .step import evaluate_model, sample_text, steps_on_device, train_step
 
 __all__ = ["TrainConfig", "TrainResult", "TrainState", "train"]
 
@@ -80,6 +80,7 @@ def train(
                 _evaluate(run)
             while run.state.epoch < cfg.epoch_limit and run.state.step < run.total_steps and not stop.requested:
                 _run_epoch(run, stop, on_step)
+            _sync(run)
             run.interrupted = stop.requested and run.state.step < run.total_steps
             if not run.interrupted:
                 _finish(run)
@@ -114,6 +115,9 @@ class _Run:
     epoch_start: torch.Tensor  # the loader's RNG state when the current epoch began
     last_lr: float = 0.0
     skipped: int = 0  # non-finite batches skipped in this session (skip_nonfinite)
+    sync_every: int = 1  # steps between the host's looks at the loss
+    on_device: bool = False  # the non-finite check stays on the device between looks (train_step)
+    unsynced: list = dataclasses.field(default_factory=list)  # (step, loss tensor, tokens) not looked at yet
     last_sample_step: int = 0
     interrupted: bool = False
     sample: SampleFn | None = None
@@ -163,9 +167,11 @@ def _start(model, train_loader, val_loader, cfg: TrainConfig, optimizer, device,
     peak = peak_tflops(device, str(precision.dtype).removeprefix("torch."), cfg.peak_tflops)
     report = Reporter(cfg.quiet, total_steps, min(state.step, total_steps),
                       flops_per_token(unwrap_model(model).config, _window_length(train_loader)), peak)
+    sync_every = cfg.sync_every or (1 if device.type == "cpu" else 10)
     return _Run(model, optimizer, train_loader, val_loader, cfg, device, precision, out, n_batches, total_steps,
                 decay_steps, state, report, dict(run_info or {}), loader_state, _loader_rng(train_loader),
-                last_lr=lr_at(max(state.step - 1, 0), cfg, decay_steps))
+                last_lr=lr_at(max(state.step - 1, 0), cfg, decay_steps), sync_every=sync_every,
+                on_device=sync_every > 1 and steps_on_device(optimizer, precision))
 
 
 def _run_epoch(run: _Run, stop: StopRequest, on_step: Callable[[TrainState], None] | None) -> None:
@@ -199,22 +205,37 @@ def _run_epoch(run: _Run, stop: StopRequest, on_step: Callable[[TrainState], Non
 
 
 def _step(run: _Run, batches: Iterator) -> None:
-    """One optimizer step, its progress report and, when due, an evaluation."""
+    """One optimizer step and, when due, a look at the losses since the last one and an evaluation."""
     state, cfg = run.state, run.cfg
     n_micro = min(cfg.grad_accum, run.n_batches - state.batches_done)
     run.last_lr = lr_at(state.step, cfg, run.decay_steps)
     set_lr(run.optimizer, run.last_lr)
     faults.begin_step(state.step + 1)
-    loss, tokens = train_step(run.model, run.optimizer, batches, n_micro, cfg, run.device, run.precision)
-    if not math.isfinite(loss):
-        run.skipped = faults.check_nonfinite(loss, state.step + 1, run.skipped, cfg.skip_nonfinite, run.report.log)
+    loss, tokens = train_step(run.model, run.optimizer, batches, n_micro, cfg, run.device, run.precision,
+                              on_device=run.on_device)
     state.step += 1
     state.batches_done += n_micro
     state.tokens_seen += tokens
-    run.report.step(loss, run.last_lr, tokens)
+    run.unsynced.append((state.step, loss, tokens))
     due = (state.step - 1) % cfg.eval_every == 0 if cfg.book_eval_steps else state.step % cfg.eval_every == 0
+    if (due or len(run.unsynced) >= run.sync_every or state.batches_done >= run.n_batches
+            or state.step >= run.total_steps):
+        _sync(run)
     if due:
         _evaluate(run)
+
+
+def _sync(run: _Run) -> None:
+    """The host looks at the steps since its last look, in one synchronisation: reports them, and stops
+    (or skips, with skip_nonfinite) on a non-finite loss, whose update never reached the weights."""
+    steps, run.unsynced = run.unsynced, []
+    if not steps:
+        return
+    losses = torch.stack([loss for _, loss, _ in steps]).tolist()
+    for (step, _, tokens), loss in zip(steps, losses, strict=True):
+        if not math.isfinite(loss):
+            run.skipped = faults.check_nonfinite(loss, step, run.skipped, run.cfg.skip_nonfinite, run.report.log)
+        run.report.step(loss, run.last_lr, tokens)
 
 
 def _finish(run: _Run) -> None:

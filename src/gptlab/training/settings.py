@@ -100,6 +100,9 @@ class TrainConfig(_Settings):
                               group="evaluation and output")
     skip_nonfinite: int = setting(0, "skip up to N batches whose loss is NaN/inf instead of stopping", "count",
                                   group="evaluation and output")
+    sync_every: int | None = setting(None, "steps between the host's looks at the loss (progress, NaN check); "
+                                     "more keeps a GPU busy (default: 1 on CPU, 10 on GPUs)", "positive",
+                                     group="scale")
     quiet: bool = setting(False, "no progress bar, log lines only", "flag", group="evaluation and output")
     seed: int = setting(123, "random seed", "count", group="system")
     device: str = setting("auto", "where to train (auto: cuda, then mps, then cpu)", "choice", group="system",
@@ -127,6 +130,7 @@ class TrainConfig(_Settings):
             (self.save_every >= 0, "save_every must be 0 (only at the end) or more"),
             (self.dtype in DTYPE_CHOICES, f"dtype must be one of {', '.join(DTYPE_CHOICES)}"),
             (self.skip_nonfinite >= 0, "skip_nonfinite must be 0 or more"),
+            (self.sync_every is None or self.sync_every >= 1, "sync_every must be at least 1"),
             (self.sample_temperature >= 0, "sample_temperature must be 0 (greedy) or more"),
             (self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops must be positive"),
             (self.sample_top_k is None or self.sample_top_k >= 1, "sample_top_k must be at least 1"),

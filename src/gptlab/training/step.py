@@ -14,7 +14,7 @@ from ..evaluate import calc_loss_batch, calc_loss_loader
 from ..generation.generate import generate
 from ..model import unwrap_model
 from ..tokenizer import text_to_token_ids, token_ids_to_text
-from .distributed import all_reduce_mean, get_world_size, gradient_sync
+from .distributed import all_reduce_mean, all_reduce_mean_tensor, get_world_size, gradient_sync
 from .optim import Precision
 from .settings import TrainConfig
 
@@ -27,8 +27,15 @@ def train_step(
     cfg: TrainConfig,
     device: torch.device,
     precision: Precision,
-) -> tuple[float, int]:
-    """One optimizer step over `n_micro` micro-batches; returns (mean loss, tokens used)."""
+    on_device: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """One optimizer step over `n_micro` micro-batches; returns (mean loss as a 0-d tensor, tokens used).
+
+    A non-finite loss never reaches the weights. By default that is decided on the host (one
+    synchronisation per step). With `on_device` (a fused AdamW, no loss scaler) the decision stays on
+    the device: the optimizer gets `found_inf` and skips the update itself, and the caller checks the
+    returned losses later, at its next synchronisation.
+    """
     optimizer.zero_grad()
     total = torch.zeros((), device=device)
     tokens = 0
@@ -45,9 +52,18 @@ def train_step(
         tokens += input_batch.numel()
     # All ranks' mean loss and tokens (every rank's batches are the same size), so that every rank
     # takes the same decision about a non-finite loss.
-    mean = all_reduce_mean(total / n_micro, device)
+    mean = all_reduce_mean_tensor(total / n_micro)
     tokens *= get_world_size()
-    if not math.isfinite(mean):  # a non-finite loss never reaches the weights
+    if on_device:
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.found_inf = (~torch.isfinite(mean)).float()  # fused AdamW: skip the update when set
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        return mean, tokens
+    if not math.isfinite(mean.item()):  # a non-finite loss never reaches the weights
         optimizer.zero_grad()
         return mean, tokens
     if cfg.grad_clip > 0:
@@ -56,6 +72,11 @@ def train_step(
     precision.scaler.step(optimizer)
     precision.scaler.update()
     return mean, tokens
+
+
+def steps_on_device(optimizer: torch.optim.Optimizer, precision: Precision) -> bool:
+    """Whether the non-finite check can stay on the device: a fused optimizer that takes `found_inf`."""
+    return bool(optimizer.defaults.get("fused")) and not precision.scaler.is_enabled()
 
 
 def evaluate_model(
