@@ -8,7 +8,9 @@ Set `GPTLAB_FAULT` to a comma-separated list of `KIND:N`:
 - `kill-at-step:N`       SIGKILL right after optimizer step N (between steps);
 - `enospc-during-save:N` raise OSError(ENOSPC) inside the N-th checkpoint save (a full disk);
 - `nan-at-step:N`        make the loss of optimizer step N NaN (a diverging batch);
-- `slow-step:MS`         sleep MS milliseconds after every step (to signal or lock a run mid-way in tests).
+- `slow-step:MS`         sleep MS milliseconds after every step (to signal or lock a run mid-way in tests);
+- `oom-above:N`          a `--batch-size auto` probe of a micro-batch above N runs out of memory (a
+                         simulated device memory limit).
 
 Nothing here runs when the variable is unset: each hook is one dict lookup.
 """
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 ENV = "GPTLAB_FAULT"
-KINDS = ("kill-during-save", "kill-during-write", "kill-at-step", "enospc-during-save", "nan-at-step", "slow-step")
+KINDS = ("kill-during-save", "kill-during-write", "kill-at-step", "enospc-during-save", "nan-at-step", "slow-step",
+         "oom-above")
 
 _plan: dict[str, set[int]] | None = None
 _counts = {"save": 0, "write": 0}
@@ -96,6 +99,16 @@ def after_step(step: int) -> None:
         _kill_now()
     for ms in faults.get("slow-step", ()):
         time.sleep(ms / 1000)
+
+
+def simulate_out_of_memory(batch: int) -> None:
+    """Called by the micro-batch probe (training/autobatch.py): raise the device's out-of-memory error
+    for batches above oom-above's N."""
+    limits = plan().get("oom-above")
+    if limits and batch > min(limits):
+        import torch
+
+        raise torch.OutOfMemoryError(f"simulated: a micro-batch of {batch} is over the limit of {min(limits)}")
 
 
 def check_nonfinite(loss: float, step: int, skipped: int, allowed: int, log) -> int:
