@@ -1,6 +1,6 @@
 """Decoding speed at batch 1: gptlab's generate (KV cache, no cache) against transformers' generate.
 
-    python bench/generate_speed.py [--dtype float32|bfloat16] [--new-tokens 128,512] [--repeats 3]
+    python bench/generate_speed.py [--dtype float32|bfloat16] [--new-tokens 128,512] [--repeats 3] [--isa avx2]
 
 gpt2-small with random weights (speed does not depend on their values), a 16-token prompt, greedy.
 Contestants run alternately inside each repeat, so a machine shared with other work slows them
@@ -10,6 +10,9 @@ before and after every timed run: it drifts), `fraction_of_bound` how close the 
 gets to the median bound, `compiled_fraction_of_bound_paired` each `--cpu-kernel on` run against the
 bound measured around that run, and `compiled_step_fraction_of_bound_quartiles` single decoding
 steps against reads measured right before each (100 pairs: the least noisy of the three).
+`--isa avx2` measures as an AVX2-only CPU would run (on a machine with more): the C kernel built for
+x86-64-v3, and torch's eager path and the bandwidth probe limited to AVX2 (ATEN_CPU_CAPABILITY,
+MKL_ENABLE_INSTRUCTIONS; set before torch loads, so the script starts itself again with them).
 """
 
 from __future__ import annotations
@@ -115,6 +118,15 @@ def contestants(model: GPTModel, prompt: torch.Tensor, n_new: int, args) -> dict
     return runs
 
 
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                "unknown")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="gptlab's weights")
@@ -123,7 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache-max", type=int, default=128, help="run the no-cache path up to this length")
     parser.add_argument("--hf-dtypes", default="float32,bfloat16", help="transformers' dtypes ('' to skip it)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="run as this CPU's instructions allow (native), or as an AVX2-only CPU would")
     args = parser.parse_args(argv)
+    if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+               "GPTLAB_KERNEL_MARCH": "x86-64-v3"}
+        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)], env)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
@@ -146,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "model": "gpt2-small (random weights)", "dtype": args.dtype, "batch": 1, "prompt_tokens": PROMPT_LEN,
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "weight_bytes": weight_bytes, "compile_s": round(compile_s, 1), "runs": {},
+        "weight_bytes": weight_bytes, "compile_s": round(compile_s, 1), "runs": {}, "isa": args.isa,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu_name(),
     }
     probe, probe_4k = Bandwidth(weight_bytes), Bandwidth(weight_bytes, huge_pages=False)
     bandwidth = probe.measure(5)

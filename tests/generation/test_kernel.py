@@ -235,3 +235,42 @@ def test_cli_kernel_gives_the_same_greedy_tokens(tmp_path):
     batch = run_cli(*args, "--cpu-kernel", "on", "--num-samples", "2")  # batches decode eagerly
     assert batch.returncode == 0 and "--cpu-kernel speeds up one sample" in batch.stderr
     assert len(json.loads(batch.stdout)["completions"]) == 2
+
+
+def test_speed_check_keeps_or_drops_the_kernel(monkeypatch):
+    """A kernel that is not faster than eager decoding by the check's measure is not used; the check is cheap."""
+    import time
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config()).eval()
+    start = time.perf_counter()
+    ratio, pairs = kernel.speed_check(model, kernel.KernelDecoder(model))
+    assert ratio > 0 and 5 <= pairs <= 12 and time.perf_counter() - start < 10
+    monkeypatch.setattr(kernel, "SPEED_MARGIN", 0.0)  # nothing is that fast: eager decoding instead
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not kernel.use_kernel_decoding(model, check_speed=True)
+    assert model.cpu_decoder is None and any("eager step" in str(w.message) for w in caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monkeypatch.setenv("GPTLAB_KERNEL_SPEED_CHECK", "1")
+        assert prepare_for_decoding(model, kernel="auto") is model  # "auto": silently eager
+    assert model.cpu_decoder is None and caught == []
+    assert model.trf_blocks[0].att.qkv.weight.stride() == (1, 96)  # ... in the eager layout
+    assert kernel.use_kernel_decoding(model, check_speed=False)  # the check off: kept
+
+
+def test_the_avx2_build_matches_eager(monkeypatch, tmp_path):
+    """The kernel built for an AVX2-only CPU (8-wide vectors, prefetching) gives the eager logits too."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2 " not in flags or " fma " not in flags:
+        pytest.skip("this CPU cannot run AVX2 code")
+    monkeypatch.setenv("GPTLAB_KERNEL_MARCH", "x86-64-v3")
+    monkeypatch.setenv("GPTLAB_HOME", str(tmp_path))
+    for dtype in (torch.float32, torch.bfloat16):
+        eager, fast = pair(dtype, seed=11)
+        a, b, cache_e, cache_f = run_both(eager, fast, [[5, 17, 300, 2, 9, 11, 12, 13], [42], [7], [50256]], 16)
+        tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(b.float(), a.float(), **tolerance)
+        torch.testing.assert_close(cache_f.k.float(), cache_e.k.float(), **tolerance)
+    assert any("decode-f32" in p.name for p in (tmp_path / "kernels").iterdir())

@@ -44,7 +44,8 @@ def prepare_for_decoding(model: GPTModel, kernel: str = "auto", compile: bool = 
         from .compiled import CompiledDecoder
 
         model.compiled_decoder = CompiledDecoder(model, max_batch=max_batch)
-    if kernel != "off" and use_kernel_decoding(model, warn=kernel == "on"):
+    # "auto" keeps the kernel only where a quick timing says it beats eager decoding; "on" uses it anyway.
+    if kernel != "off" and use_kernel_decoding(model, warn=kernel == "on", check_speed=kernel == "auto"):
         return model
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.in_features <= module.out_features:

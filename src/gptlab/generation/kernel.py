@@ -27,8 +27,10 @@ import hashlib
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tempfile
+import time
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -42,9 +44,18 @@ from ..storage.download import gptlab_home
 
 ROWS_PER_BLOCK = 64  # RB in csrc/decode.c
 MAX_TOKENS = 64  # prompts up to this long go through the kernel too; longer ones take the eager forward's GEMMs
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# The target CPU: this one (-march=native). GPTLAB_KERNEL_MARCH builds for another (e.g. x86-64-v3, an
+# AVX2-only CPU) to test that code path on a machine with more features.
+MARCH_ENV = "GPTLAB_KERNEL_MARCH"
 VARIANTS = {"f32": [], "bf16": ["-DWEIGHTS_BF16"]}  # the kernel built once per weight dtype
 VARIANT_OF = {torch.float32: "f32", torch.bfloat16: "bf16"}
+# Keep the kernel only where its decoding step takes at most this fraction of the eager step, timed at
+# preparation (`speed_check`). Where the kernel loses, decoding falls back to prepare_for_decoding's
+# eager layout (column-major, 2 MiB pages), a few percent faster than the model as timed: hence a
+# margin rather than 1.0.
+SPEED_MARGIN = 0.95
+SPEED_CHECK_ENV = "GPTLAB_KERNEL_SPEED_CHECK"
 
 _PTR = ctypes.c_void_p
 
@@ -85,7 +96,7 @@ def build(variant: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    flags = FLAGS + VARIANTS[variant]
+    flags = [*FLAGS, f"-march={os.environ.get(MARCH_ENV) or 'native'}", *VARIANTS[variant]]
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(flags).encode(), _cpu_name().encode()]))
     target = _cache_dir() / f"decode-{variant}-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -238,20 +249,78 @@ class KernelDecoder:
         return self.buffers[4][: self.vocab_size].to(self.dtype, copy=True).view(1, 1, -1)
 
 
-def use_kernel_decoding(model: GPTModel, warn: bool = True) -> bool:
-    """Set up the C decoding kernel for `model`; False (model unchanged, a warning if `warn`) where it cannot run.
+def speed_check(model: GPTModel, decoder: KernelDecoder, budget_s: float = 0.25, min_pairs: int = 5,
+                max_pairs: int = 12) -> tuple[float, int]:
+    """(median of kernel step time / eager step time, pairs timed): single-token steps of both on
+    scratch batch-1 caches (the eager step is `model`'s own forward; its cpu_decoder must be None).
+
+    Steps are timed in pairs (kernel then eager, then the other way round, so that neither always
+    runs first) until `budget_s` is spent (at least `min_pairs`, at most `max_pairs`), after one
+    untimed step each. Each pair's ratio counts, not the total times: a pair's two steps see the
+    machine in the same state, so a machine whose speed drifts (a VM, another busy process) moves
+    both alike. gpt2-small, float32, 2 cores: ~0.33 s idle (7 pairs); on a heavily loaded 2-core VM,
+    3 pairs decided wrongly in up to 30% of checks and 8-12 pairs in ~5%: hence at least 5.
+    """
+    max_pairs = max(1, min(max_pairs, model.config.context_length - 2))  # both caches must fit the context
+    min_pairs = min(min_pairs, max_pairs)
+    with torch.inference_mode():
+        k_cache, e_cache = model.make_kv_cache(1, max_pairs + 2), model.make_kv_cache(1, max_pairs + 2)
+        token = torch.zeros(1, 1, dtype=torch.long)
+
+        def timed(step) -> float:
+            start = time.perf_counter()
+            step()
+            return time.perf_counter() - start
+
+        def kernel_step() -> float:
+            return timed(lambda: decoder(model, token, k_cache))
+
+        def eager_step() -> float:
+            return timed(lambda: model(token, kv_cache=e_cache, last_only=True))
+
+        kernel_step(), eager_step()
+        ratios: list[float] = []
+        timed_from = time.perf_counter()
+        while len(ratios) < max_pairs and (len(ratios) < min_pairs or time.perf_counter() - timed_from < budget_s):
+            if len(ratios) % 2:
+                e, k = eager_step(), kernel_step()
+            else:
+                k, e = kernel_step(), eager_step()
+            ratios.append(k / e)
+    return statistics.median(ratios), len(ratios)
+
+
+def use_kernel_decoding(model: GPTModel, warn: bool = True, check_speed: bool | None = None) -> bool:
+    """Set up the C decoding kernel for `model`; False (model unchanged, a warning if `warn`) where it cannot
+    run or is not faster.
 
     Checks the kernel against the eager forward on a scratch cache, so a broken compiler is found
-    here rather than in the middle of a generation.
+    here rather than in the middle of a generation. Then, with check_speed (default: on, unless the
+    environment sets GPTLAB_KERNEL_SPEED_CHECK=0), times a few decoding steps of both (`speed_check`)
+    and keeps the kernel only where its step takes at most SPEED_MARGIN of the eager one: a CPU where
+    it is not faster (a compiler that vectorises it badly, another memory system) decodes eagerly.
     """
+    if check_speed is None:
+        check_speed = os.environ.get(SPEED_CHECK_ENV, "1") != "0"
     weight = model.tok_emb.weight
     if weight.device.type != "cpu" or weight.dtype not in VARIANT_OF or (weight.dtype == torch.bfloat16 and model.config.emb_dim % 2):
-        what = f"{weight.dtype} weights on {weight.device.type}, emb_dim {model.config.emb_dim}"
         if warn:
+            what = f"{weight.dtype} weights on {weight.device.type}, emb_dim {model.config.emb_dim}"
             warnings.warn(f"the C decoding kernel serves float32 and bfloat16 (even emb_dim) models on CPU, not "
                           f"{what}; decoding stays eager", stacklevel=2)
         return False
-    problem, was_training, previous = None, model.training, model.cpu_decoder
+    problem, decoder = _check_kernel(model, check_speed)
+    if problem is not None:
+        if warn:
+            warnings.warn(f"the C decoding kernel is not used here ({problem}); decoding stays eager", stacklevel=2)
+        return False
+    model.cpu_decoder = decoder
+    return True
+
+
+def _check_kernel(model: GPTModel, check_speed: bool) -> tuple[str | None, KernelDecoder | None]:
+    """(what is wrong with the kernel on this model and machine, or None; the decoder)."""
+    problem, decoder, was_training, previous = None, None, model.training, model.cpu_decoder
     try:
         model.cpu_decoder = None  # the check's reference is the eager forward
         decoder = KernelDecoder(model)
@@ -264,16 +333,14 @@ def use_kernel_decoding(model: GPTModel, warn: bool = True) -> bool:
             want = model(ids, last_only=True).float()
         if not torch.allclose(got, want, atol=5e-2, rtol=5e-2):
             problem = f"the kernel differs from the eager forward by {(got - want).abs().max():.3g}"
+        elif check_speed:
+            ratio, pairs = speed_check(model, decoder)
+            if ratio > SPEED_MARGIN:
+                problem = (f"its decoding step measured {ratio:.2f}x the eager step's time here (median of "
+                           f"{pairs} pairs; it is kept from {SPEED_MARGIN:.2f}x down)")
     except (OSError, RuntimeError) as exc:  # no compiler, no OpenMP, a failed build or load: stay eager
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
         model.train(was_training)
         model.cpu_decoder = previous
-    if problem is not None:
-        if warn:
-            warnings.warn(f"the C decoding kernel is not usable here ({problem}); decoding stays eager", stacklevel=2)
-        return False
-    model.cpu_decoder = decoder
-    return True
-
-
+    return problem, decoder

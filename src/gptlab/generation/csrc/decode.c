@@ -12,6 +12,7 @@
  * float32 throughout, except that a bfloat16 product rounds its input vector to bfloat16 (as the
  * eager bfloat16 model's Linear layers see it), so CPUs with AVX512-BF16 can multiply in one
  * instruction per line and others get the same numbers. The KV cache has the weights' type.
+ * Vectors have the target's register width (VL below): 16 floats with AVX-512, 8 with AVX2.
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,13 +22,83 @@
 #include <immintrin.h>
 #endif
 
-#define RB 64                 /* output rows per packed block: 4 vectors of 16 floats */
-#define NV (RB / 16)
+#define RB 64  /* output rows per packed block (decode_kernel.ROWS_PER_BLOCK): the same on every target */
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
+/* Vectors of the target's register width, VL floats. GCC's generic vectors wider than the target's
+ * registers are not split into register pairs: in an AVX2 build (-march=x86-64-v3) 64-byte vectors
+ * lived on the stack, every multiply-add wrapped in stores and reloads and every broadcast built from
+ * 16 scalar stores (237 instructions per two columns of a block, 182 of them on the stack, where the
+ * AVX-512 build needs 12), and the kernel read its weights at ~0.37 of the bandwidth bound. NREGS is
+ * the number of vector registers, which sizes the sets of accumulators below. */
+#if defined(__AVX512F__)
+#define VL 16
+#define NREGS 32
+#elif defined(__AVX__)
+#define VL 8
+#define NREGS 16
+#elif defined(__aarch64__)
+#define VL 4
+#define NREGS 32
+#else
+#define VL 4
+#define NREGS 16
+#endif
+#define NV (RB / VL)  /* vectors per row of a block: 4 with AVX-512, 8 with AVX2 */
+
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef float vfu __attribute__((vector_size(4 * VL), aligned(4)));  /* unaligned loads and stores */
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+typedef uint32_t vu __attribute__((vector_size(4 * VL)));
+typedef uint32_t vuu __attribute__((vector_size(4 * VL), aligned(4)));
+typedef uint16_t vh __attribute__((vector_size(2 * VL), aligned(2)));
+
+/* Several tokens (a prompt) use each loaded line of weights for up to GROUP of them, so the weights
+ * are read from memory once per block and the rest of the passes come from the core's caches. The
+ * GROUP x (rows / VL) accumulators, the loaded weights and a broadcast input must fit the registers,
+ * or every column spills the accumulators: so a block is done in passes of PR rows (all 64 with
+ * AVX-512; 16 with AVX2, whose 16 registers hold 4 x 2 accumulators). The passes of a block read
+ * disjoint cache lines (a line is 16 rows of one column), so each line is still fetched once. */
+#ifndef GROUP
+#define GROUP 4
+#endif
+#define FITS(rows) (GROUP * ((rows) / VL) + (rows) / VL + 4 <= NREGS)
+#if FITS(RB)
+#define PR RB
+#elif FITS(RB / 2)
+#define PR (RB / 2)
+#elif FITS(RB / 4)
+#define PR (RB / 4)
+#else
+#define PR (RB / 8)
+#endif
+#define NP (PR / VL)  /* vectors per row of a pass */
+
+/* One token (decoding): SETS independent sums per row vector, over alternate columns, so the next
+ * multiply-add need not wait for the last. Two sets need 2 x NV registers: 8 with AVX-512; with
+ * AVX2 one set already takes 8 of the 16 and a second would spill, and 8 independent chains are
+ * plenty for a loop that waits on memory. */
+#define SETS (2 * NV + 2 <= NREGS ? 2 : 1)
+
+/* ... and, without AVX-512, a software prefetch of every line PREFETCH_AHEAD bytes ahead into L2
+ * (prefetcht1). Measured on the development VM (2 cores, 2 MiB pages, products alone against torch's
+ * sum() over as many bytes, medians of 15-20 pairs): the AVX2 build read 0.95 without it and
+ * 1.09-1.12 with it at 1-2 KiB ahead (4 KiB: 1.03; prefetchnta: 0.51); the AVX-512 build read 1.03-1.05
+ * without and 0.94-0.98 with it, so there it stays off. -DPREFETCH_AHEAD=0 turns it off, another
+ * value moves it (a CPU whose hardware prefetchers differ may want another distance). */
+#ifndef PREFETCH_AHEAD
+#ifdef __AVX512F__
+#define PREFETCH_AHEAD 0
+#else
+#define PREFETCH_AHEAD 2048
+#endif
+#endif
+static inline void prefetch_column(const void* p) {
+#if PREFETCH_AHEAD > 0
+    for (int line = 0; line < RB * 4; line += 64) __builtin_prefetch((const char*)p + PREFETCH_AHEAD + line, 0, 2);
+#else
+    (void)p;
+#endif
+}
 
 #ifdef WEIGHTS_BF16
 typedef uint16_t WT;
@@ -38,16 +109,13 @@ static inline WT f_to_wt(float f) {  /* round to nearest even, as torch does */
     u += 0x7fff + ((u >> 16) & 1);
     return (WT)(u >> 16);
 }
-static inline v16 load16(const WT* p) {
-    u32x16 u = __builtin_convertvector(*(const u16x16*)p, u32x16) << 16;
-    return (v16)u;
-}
+static inline vf loadv(const WT* p) { return (vf)(__builtin_convertvector(*(const vh*)p, vu) << 16); }
 #define SUFFIX(name) name##_bf16
 #else
 typedef float WT;
 static inline float wt_to_f(WT w) { return w; }
 static inline WT f_to_wt(float f) { return f; }
-static inline v16 load16(const WT* p) { return *(const v16u*)p; }
+static inline vf loadv(const WT* p) { return *(const vfu*)p; }
 #define SUFFIX(name) name##_f32
 #endif
 
@@ -69,21 +137,14 @@ typedef struct {
     float* scratch;                     /* per thread: max_tokens * (emb + hidden) + max_len floats */
 } Model;
 
-/* Products over the blocks [b0, b1) of a packed (rows, cols) weight, for T input vectors:
- * y[t * ys + r] = (W x_t)[r]. One token (decoding) has its own loop, tuned for streaming; several
- * tokens (a prompt) reuse each loaded line for up to GROUP of them, so the weights are read from
- * memory once per block and the rest of the passes come from the core's caches. */
-#define GROUP 4
-
+/* Products over block b of a packed (rows, cols) weight, for T input vectors: y[t * ys + r] = (W x_t)[r]. */
 #ifdef WEIGHTS_BF16
 /* bfloat16 blocks hold column pairs, P[block][cols / 2][RB][2]: a 32-bit lane is one row's weights
  * for columns c and c + 1, and the input is given as the matching bfloat16 pairs (cols even). */
-typedef uint32_t u32x16u __attribute__((vector_size(64), aligned(4)));
 typedef uint32_t XT;  /* what a product reads per column pair: two bfloat16 inputs */
-#define XCOLS(cols) ((cols) / 2)
 
 #ifdef __AVX512BF16__
-/* one instruction per line and token: 16 rows x 2 columns multiplied and summed into float32 */
+/* one instruction per line and token: 16 rows x 2 columns multiplied and summed into float32 (VL is 16) */
 #define PRODUCT_BODY(NT)                                                                      \
     __m512 a[NT][NV];                                                                        \
     for (int t = 0; t < NT; t++)                                                             \
@@ -97,26 +158,36 @@ typedef uint32_t XT;  /* what a product reads per column pair: two bfloat16 inpu
         }                                                                                    \
     }                                                                                        \
     for (int t = 0; t < NT; t++) memcpy(y + t * ys + b * RB, a[t], sizeof a[t]);
+#define PRODUCT_ONE PRODUCT_BODY(1)
 #else
-#define PRODUCT_BODY(NT)                                                                      \
-    v16 a[NT][NV];                                                                           \
-    memset(a, 0, sizeof a);                                                                  \
-    for (long c = 0; c < cols / 2; c++, p += RB) {                                           \
-        u32x16 w[NV];                                                                        \
-        for (int j = 0; j < NV; j++) w[j] = *(const u32x16u*)(p + 16 * j);                  \
-        for (int t = 0; t < NT; t++) {                                                       \
-            uint32_t lo = x[t * xs + c] << 16, hi = x[t * xs + c] & 0xffff0000u;             \
-            float x0, x1;                                                                    \
-            memcpy(&x0, &lo, 4);                                                             \
-            memcpy(&x1, &hi, 4);                                                             \
-            for (int j = 0; j < NV; j++)                                                     \
-                a[t][j] += (v16)(w[j] << 16) * x0 + (v16)(w[j] & 0xffff0000u) * x1;         \
+/* Each 32-bit lane widened twice: its low half is column c's weight, its high half column c + 1's.
+ * Rows [r0, r0 + ROWS) of the block in each pass (see PR). */
+#define PRODUCT_PASSES(NT, ROWS)                                                              \
+    for (int r0 = 0; r0 < RB; r0 += (ROWS)) {                                                \
+        vf a[NT][(ROWS) / VL];                                                               \
+        memset(a, 0, sizeof a);                                                              \
+        const uint32_t* q = p + r0;                                                          \
+        for (long c = 0; c < cols / 2; c++, q += RB) {                                       \
+            if ((NT) == 1 && (ROWS) == RB) prefetch_column(q);  /* one token: streaming */   \
+            vu w[(ROWS) / VL];                                                               \
+            for (int j = 0; j < (ROWS) / VL; j++) w[j] = *(const vuu*)(q + VL * j);          \
+            for (int t = 0; t < NT; t++) {                                                   \
+                uint32_t lo = x[t * xs + c] << 16, hi = x[t * xs + c] & 0xffff0000u;         \
+                float x0, x1;                                                                \
+                memcpy(&x0, &lo, 4);                                                         \
+                memcpy(&x1, &hi, 4);                                                         \
+                for (int j = 0; j < (ROWS) / VL; j++)                                        \
+                    a[t][j] += (vf)(w[j] << 16) * x0 + (vf)(w[j] & 0xffff0000u) * x1;        \
+            }                                                                                \
         }                                                                                    \
-    }                                                                                        \
-    for (int t = 0; t < NT; t++) memcpy(y + t * ys + b * RB, a[t], sizeof a[t]);
+        for (int t = 0; t < NT; t++) memcpy(y + t * ys + b * RB + r0, a[t], sizeof a[t]);   \
+    }
+#define PRODUCT_BODY(NT) PRODUCT_PASSES(NT, PR)
+/* one token: the whole block in one pass, in address order, where NV accumulators, a loaded vector,
+ * the two broadcast inputs and the widened halves fit the registers (AVX2: 8 + 5 of 16) */
+#define PRODUCT_ONE PRODUCT_PASSES(1, (NV + 5 <= NREGS ? RB : PR))
 #endif
 #define BLOCK_PTR(b) ((const uint32_t*)(P + (b) * cols * RB))
-#define PRODUCT_ONE PRODUCT_BODY(1)
 
 /* The inputs as bfloat16 pairs, the second operand of the bfloat16 product: T rows of cols / 2. */
 static const XT* product_input(const float* x, long xs, int T, long cols, uint32_t* xp) {
@@ -128,29 +199,37 @@ static const XT* product_input(const float* x, long xs, int T, long cols, uint32
 #define INPUT_STRIDE(xs, cols) ((cols) / 2)
 #else
 typedef float XT;
+/* Rows [r0, r0 + PR) of the block in each pass, every loaded line used for NT tokens. */
 #define PRODUCT_BODY(NT)                                                                      \
-    v16 a[NT][NV];                                                                           \
-    memset(a, 0, sizeof a);                                                                  \
-    for (long c = 0; c < cols; c++, p += RB) {                                               \
-        v16 w[NV];                                                                           \
-        for (int j = 0; j < NV; j++) w[j] = load16(p + 16 * j);                             \
-        for (int t = 0; t < NT; t++)                                                         \
-            for (int j = 0; j < NV; j++) a[t][j] += w[j] * x[t * xs + c];                   \
-    }                                                                                        \
-    for (int t = 0; t < NT; t++) memcpy(y + t * ys + b * RB, a[t], sizeof a[t]);
-/* one token: two sums per row block, so the next multiply-add need not wait for the last */
+    for (int r0 = 0; r0 < RB; r0 += PR) {                                                    \
+        vf a[NT][NP];                                                                        \
+        memset(a, 0, sizeof a);                                                              \
+        const float* q = p + r0;                                                             \
+        for (long c = 0; c < cols; c++, q += RB) {                                           \
+            vf w[NP];                                                                        \
+            for (int j = 0; j < NP; j++) w[j] = loadv(q + VL * j);                           \
+            for (int t = 0; t < NT; t++)                                                     \
+                for (int j = 0; j < NP; j++) a[t][j] += w[j] * x[t * xs + c];               \
+        }                                                                                    \
+        for (int t = 0; t < NT; t++) memcpy(y + t * ys + b * RB + r0, a[t], sizeof a[t]);   \
+    }
+/* One token: the whole block in one pass, strictly in address order (what the prefetchers follow
+ * best); SETS sums per row vector, set s taking the columns c = s mod SETS, added up at the end. */
 #define PRODUCT_ONE                                                                           \
-    v16 acc[NV] = {0}, odd[NV] = {0};                                                        \
+    vf acc[SETS][NV];                                                                        \
+    memset(acc, 0, sizeof acc);                                                              \
     long c = 0;                                                                              \
-    for (; c + 2 <= cols; c += 2, p += 2 * RB) {                                             \
-        float x0 = x[c], x1 = x[c + 1];                                                      \
-        for (int j = 0; j < NV; j++) acc[j] += load16(p + 16 * j) * x0;                     \
-        for (int j = 0; j < NV; j++) odd[j] += load16(p + RB + 16 * j) * x1;                \
-    }                                                                                        \
-    if (c < cols)                                                                            \
-        for (int j = 0; j < NV; j++) acc[j] += load16(p + 16 * j) * x[c];                   \
-    for (int j = 0; j < NV; j++) acc[j] += odd[j];                                           \
-    memcpy(y + b * RB, acc, sizeof acc);
+    for (; c + SETS <= cols; c += SETS, p += SETS * RB)                                      \
+        for (int s = 0; s < SETS; s++) {                                                     \
+            prefetch_column(p + s * RB);                                                     \
+            float xc = x[c + s];                                                             \
+            for (int j = 0; j < NV; j++) acc[s][j] += loadv(p + s * RB + VL * j) * xc;       \
+        }                                                                                    \
+    for (; c < cols; c++, p += RB)                                                           \
+        for (int j = 0; j < NV; j++) acc[0][j] += loadv(p + VL * j) * x[c];                  \
+    for (int s = 1; s < SETS; s++)                                                           \
+        for (int j = 0; j < NV; j++) acc[0][j] += acc[s][j];                                 \
+    memcpy(y + b * RB, acc[0], sizeof acc[0]);
 #define BLOCK_PTR(b) (P + (b) * cols * RB)
 
 static const XT* product_input(const float* x, long xs, int T, long cols, uint32_t* xp) {
@@ -219,34 +298,39 @@ static void parallel_product(const WT* P, const float* x, long xs, int T, long r
     }
 }
 
-/* The sum of a vector's 16 lanes, as a tree (a chain of 15 scalar additions waits ~4x longer). */
-static inline float hsum(v16 v) {
-    typedef int32_t i16 __attribute__((vector_size(64)));
-    v = v + __builtin_shuffle(v, (i16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    v = v + __builtin_shuffle(v, (i16){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
-    v = v + __builtin_shuffle(v, (i16){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+/* The sum of a vector's lanes, as a tree (a chain of 15 scalar additions waits ~4x longer). */
+static inline float hsum(vf v) {
+#if VL == 16
+    v = v + __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v = v + __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+    v = v + __builtin_shuffle(v, (vi){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+#elif VL == 8
+    v = v + __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+    v = v + __builtin_shuffle(v, (vi){2, 3, 0, 1, 2, 3, 0, 1});
+#else
+    v = v + __builtin_shuffle(v, (vi){2, 3, 0, 1});
+#endif
     return v[0] + v[1];
 }
 
-/* exp(x) for 16 values x <= 0 (softmax after subtracting the maximum): 2^k e^r with k = round(x / ln 2)
+/* exp(x) for VL values x <= 0 (softmax after subtracting the maximum): 2^k e^r with k = round(x / ln 2)
  * and a degree-6 Taylor polynomial for e^r, |r| <= ln 2 / 2 (relative error < 3e-7; expf:
  * ~1e-7); below -87 it returns e^-87 instead of a denormal, ~1e-38 next to the maximum's 1. */
-static inline v16 exp16(v16 x) {
-    typedef int32_t i16 __attribute__((vector_size(64)));
-    i16 low = x < -87.f;
-    x = (v16)(((i16)x & ~low) | ((i16)((v16){0} - 87.f) & low));
-    v16 k = (x * 1.44269504f + 12582912.f) - 12582912.f;  /* round to nearest: 1.5 * 2^23 */
-    v16 r = x - k * 0.693145752f - k * 1.42860677e-06f;  /* ln 2 in two parts: exact k * hi */
-    v16 p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
-    i16 scale = (__builtin_convertvector(k, i16) + 127) << 23;
-    return p * (v16)scale;
+static inline vf expv(vf x) {
+    vi low = x < -87.f;
+    x = (vf)(((vi)x & ~low) | ((vi)((vf){0} - 87.f) & low));
+    vf k = (x * 1.44269504f + 12582912.f) - 12582912.f;  /* round to nearest: 1.5 * 2^23 */
+    vf r = x - k * 0.693145752f - k * 1.42860677e-06f;  /* ln 2 in two parts: exact k * hi */
+    vf p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+    vi scale = (__builtin_convertvector(k, vi) + 127) << 23;
+    return p * (vf)scale;
 }
 
 /* a . b over n values (a float32, b of the weights' type): the attention scores. */
 static inline float dot(const float* a, const WT* b, int n) {
-    v16 acc = {0};
+    vf acc = {0};
     int i = 0;
-    for (; i + 16 <= n; i += 16) acc += *(const v16u*)(a + i) * load16(b + i);
+    for (; i + VL <= n; i += VL) acc += *(const vfu*)(a + i) * loadv(b + i);
     float s = hsum(acc);
     for (; i < n; i++) s += a[i] * wt_to_f(b[i]);
     return s;
@@ -255,20 +339,20 @@ static inline float dot(const float* a, const WT* b, int n) {
 /* out += p * b over n values: the attention's weighted sum of values. */
 static inline void axpy(float p, const WT* b, float* out, int n) {
     int i = 0;
-    for (; i + 16 <= n; i += 16) *(v16u*)(out + i) += p * load16(b + i);
+    for (; i + VL <= n; i += VL) *(vfu*)(out + i) += p * loadv(b + i);
     for (; i < n; i++) out[i] += p * wt_to_f(b[i]);
 }
 
 static void layer_norm(const float* x, const float* w, const float* b, int n, float eps, float* out) {
-    v16 acc = {0};
+    vf acc = {0};
     int i = 0;
-    for (; i + 16 <= n; i += 16) acc += *(const v16u*)(x + i);
+    for (; i + VL <= n; i += VL) acc += *(const vfu*)(x + i);
     float mean = hsum(acc);
     for (; i < n; i++) mean += x[i];
     mean /= n;
-    v16 sq = {0};
-    for (i = 0; i + 16 <= n; i += 16) {
-        v16 d = *(const v16u*)(x + i) - mean;
+    vf sq = {0};
+    for (i = 0; i + VL <= n; i += VL) {
+        vf d = *(const vfu*)(x + i) - mean;
         sq += d * d;
     }
     float var = hsum(sq);
@@ -302,10 +386,10 @@ static void attend(const Model* m, int h, int T, WT* kc, WT* vc, long max_len, l
             top = scores[j] > top ? scores[j] : top;
         }
         long j = 0;
-        v16 sums = {0};
-        for (; j + 16 <= last + 1; j += 16) {
-            v16 e = exp16(*(v16u*)(scores + j) - top);
-            *(v16u*)(scores + j) = e;
+        vf sums = {0};
+        for (; j + VL <= last + 1; j += VL) {
+            vf e = expv(*(vfu*)(scores + j) - top);
+            *(vfu*)(scores + j) = e;
             sums += e;
         }
         total = hsum(sums);
