@@ -41,7 +41,7 @@ from .hf import (
     looks_like_hf_config,
     save_hf,
 )
-from .native import CONFIG_NAME, WEIGHTS_NAME, expected_shapes
+from .native import CLASSIFIER_NAME, CONFIG_NAME, WEIGHTS_NAME, expected_shapes
 from .openai import HPARAMS_NAME, config_from_hparams, is_openai_folder, load_openai
 
 __all__ = ["download_model", "identify", "load_pretrained", "read_config", "save_hf"]
@@ -121,7 +121,14 @@ def identify(path_or_name: str | os.PathLike) -> Source:
                      f"folder or a weights file{did_you_mean(str(path_or_name), [*PRESETS, *ALIASES])}")
 
 
+def _refuse_classifier(folder: Path) -> None:
+    if (folder / CLASSIFIER_NAME).is_file():
+        raise UsageError(f"{folder} holds a text classifier, not a language model: classify with it "
+                         f"(gptlab classify --model {folder}; Python: gptlab.load_classifier)")
+
+
 def _identify_folder(path: Path) -> Source:
+    _refuse_classifier(path)
     if is_openai_folder(path):
         return Source("openai", path)
     config_path = path / CONFIG_NAME
@@ -155,6 +162,7 @@ def _identify_file(path: Path) -> Source:
     if suffix == ".bin" or path.name == BIN_NAME:
         return Source("hf", path.parent, weights=path)
     if suffix == ".safetensors":
+        _refuse_classifier(path.parent)
         beside = path.parent / CONFIG_NAME
         if beside.is_file() and looks_like_hf_config(_read_json(beside)):
             return Source("hf", path.parent, weights=path)

@@ -42,7 +42,7 @@ from ..hardware import resolve_device
 from ..model import GPTModel, unwrap_model
 from ..pretrained import load_pretrained
 from ..pretrained.native import CONFIG_NAME, WEIGHTS_NAME
-from ..pretrained.resolve import RANDOM_PREFIX, is_random_spec, resolve_config
+from ..pretrained.resolve import RANDOM_PREFIX, is_random_spec, load_model_arg, resolve_config
 from ..storage.download import sha256_file
 from ..storage.files import RunLock, remove_stale_temp_files, write_json
 from ..tokenizer import ENDOFTEXT, decode
@@ -316,19 +316,25 @@ def build_model(run_cfg: RunConfig) -> GPTModel:
     the weights --init (or --model) names, as every verb reads --model (pretrained/resolve.py)."""
     spec = run_cfg.init or run_cfg.model
     if run_cfg.init or not is_random_spec(spec):
-        base = load_pretrained(spec).train()
-        config = base.config.replace(drop_rate=run_cfg.drop_rate)
-        if config == base.config:
-            return base
-        model = GPTModel(config)
-        model.load_state_dict(base.state_dict())
-        return model
+        return load_init(spec, run_cfg.drop_rate)
     config = resolve_config(spec)
     context = run_cfg.context_length or config.context_length
     check_context(context, config.context_length)
     # A fresh model gets exactly the training context: positions it never trains on would be noise.
     return GPTModel(config.replace(context_length=context, drop_rate=run_cfg.drop_rate,
                                    vocab_multiple=run_cfg.vocab_multiple))
+
+
+def load_init(spec: str, drop_rate: float | None = None, allow_random: bool = False) -> GPTModel:
+    """The weights `spec` names (a GPT-2 name, a model or run folder, a weights file) in training mode, with
+    `drop_rate` if given. allow_random: a preset or config.json gives random weights, with a warning."""
+    base = (load_model_arg(spec, purpose="finetune") if allow_random else load_pretrained(spec)).train()
+    config = base.config.replace(drop_rate=drop_rate)
+    if config == base.config:
+        return base
+    model = GPTModel(config)
+    model.load_state_dict(base.state_dict())
+    return model
 
 
 def check_context(context: int, maximum: int) -> None:
