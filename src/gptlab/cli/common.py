@@ -181,13 +181,3 @@ def report_stop(result, verb: str) -> bool:
         print(f"stopped at step {result.state.step}; continue with: gptlab {verb} --out {result.out_dir} --resume",
               file=sys.stderr)
     return result.interrupted
-
-
-def warnings_as_lines() -> None:
-    """Library warnings (e.g. truncated examples) as one plain `warning: ...` line each on stderr."""
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"warning: {message}", file=sys.stderr)
-
-    warnings.showwarning = show
