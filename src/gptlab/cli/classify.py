@@ -22,8 +22,9 @@ def register(sub) -> None:
     source.add_argument("--text", nargs="+", metavar="TEXT", help="one or more texts to label")
     source.add_argument("--data", metavar="FILE", help="a CSV/TSV or JSON Lines file of texts; with labels: accuracy "
                         "and confusion matrix")
-    p.add_argument("--text-column", default=None, help="column of the texts in --data (default: the training run's)")
-    p.add_argument("--label-column", default=None, help="column of the labels in --data (default: the training run's)")
+    for what in ("text", "label"):
+        p.add_argument(f"--{what}-column", default=None, help=f"column of the {what}s in --data (default: the "
+                       "training run's)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="texts per forward pass (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_device_arg(p)

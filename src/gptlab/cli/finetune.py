@@ -11,14 +11,7 @@ import argparse
 
 from ..finetune.settings import FinetuneConfig
 from ..training.settings import TrainConfig
-from .common import (
-    add_run_folder_options,
-    add_settings_options,
-    check_run_folder_args,
-    report_stop,
-    run_job,
-    settings_given,
-)
+from . import common
 
 GROUPS = ("task", "data", "model", "lora (with --method lora)", "optimisation", "evaluation and output", "system",
           "scale (launch with torchrun for several processes)")
@@ -27,18 +20,20 @@ NOT_OPTIONS = ("sample_prompt",)
 LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
+DESCRIPTION = (
+    "Fine-tune a trained model: on instructions (Alpaca-style records, the default task) or on labelled texts "
+    "(--task classify). Examples: gptlab finetune --init gpt2-small --data instructions.json --out runs/chat "
+    "--method lora;  gptlab finetune --task classify --init gpt2-small --data sms.csv --out runs/spam. "
+    "Defaults: 2 epochs (classify: 5), lr 5e-5 (LoRA: 2e-4), batch 8."
+)
+
+
 def register(sub) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="fine-tune a model on instructions or labelled texts (full or LoRA)",
-        description="Fine-tune a trained model: on instructions (Alpaca-style records, the default task) or on "
-        "labelled texts (--task classify). Examples: gptlab finetune --init gpt2-small --data instructions.json "
-        "--out runs/chat --method lora;  gptlab finetune --task classify --init gpt2-small --data sms.csv "
-        "--out runs/spam. Defaults: 2 epochs (classify: 5), lr 5e-5 (LoRA: 2e-4), batch 8.",
-    )
+    p = sub.add_parser("finetune", help="fine-tune a model on instructions or labelled texts (full or LoRA)",
+                       description=DESCRIPTION)
     groups = {name.split(" (")[0]: p.add_argument_group(name) for name in GROUPS}
-    add_settings_options(groups, FinetuneConfig, TrainConfig, skip=NOT_OPTIONS)
-    add_run_folder_options(groups["evaluation and output"], "fine-tuning")
+    common.add_settings_options(groups, FinetuneConfig, TrainConfig, skip=NOT_OPTIONS)
+    common.add_run_folder_options(groups["evaluation and output"], "fine-tuning")
     p.set_defaults(func=run)
 
 
@@ -51,8 +46,8 @@ def settings_of(args: argparse.Namespace) -> tuple[FinetuneConfig, TrainConfig]:
     from ..finetune.settings import FIXED_ON_RESUME
     from ..training.run import check_out_dir, resume_settings
 
-    explicit = settings_given(args, FinetuneConfig, TrainConfig)
-    check_run_folder_args(args)
+    explicit = common.settings_given(args, FinetuneConfig, TrainConfig)
+    common.check_run_folder_args(args)
     if args.resume:
         check_out_dir(Path(args.out), resume=True, force=False)
         return resume_settings(Path(args.out), explicit, FinetuneConfig, FIXED_ON_RESUME)
@@ -71,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     from ..finetune.run import run_finetune
 
     ft, cfg = settings_of(args)
-    result = run_job(lambda: run_finetune(ft, cfg, args.out, resume=args.resume, force=args.force))
+    result = common.run_job(lambda: run_finetune(ft, cfg, args.out, resume=args.resume, force=args.force))
     if result is None:  # another rank than 0 of a torchrun job
         return 0
-    if report_stop(result, "finetune"):
+    if common.report_stop(result, "finetune"):
         return 130
     out, final = result.out_dir, result.metrics[-1]
     accuracy = f", val accuracy {final['val_accuracy']:.1%}" if "val_accuracy" in final else ""

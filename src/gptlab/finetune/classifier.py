@@ -11,7 +11,6 @@ folder) plus classifier.json (the labels); `load_classifier` reads it.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..config import GPTConfig
 from ..errors import UsageError
 from ..model import GPTModel, unwrap_model
 from ..pretrained.native import CLASSIFIER_NAME, CONFIG_NAME, WEIGHTS_NAME, load_state_into, read_safetensors
-from ..storage.files import write_json
+from ..storage.files import read_format_file, write_json
 from ..tokenizer import get_tokenizer
 
 PAD_ID = -1  # padding in classification batches (not a token id: the classifier masks it out)
@@ -104,17 +103,12 @@ def save_classifier_info(folder: str | os.PathLike, labels: Sequence[str], **inf
 
 
 def read_classifier_info(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / CLASSIFIER_NAME
-    if not path.is_file():
-        raise UsageError(f"{folder} is not a classifier ({CLASSIFIER_NAME} is missing); give the folder of a "
-                         "run of gptlab finetune --task classify")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
-    labels = info.get("labels") if isinstance(info, dict) else None
-    if info.get("format") != CLASSIFIER_FORMAT or not isinstance(labels, list) or len(labels) < 2:
-        raise UsageError(f"{path} is not a gptlab classifier description (format, and at least 2 labels)")
+    info = read_format_file(folder, CLASSIFIER_NAME, CLASSIFIER_FORMAT,
+                            f"{folder} is not a classifier ({CLASSIFIER_NAME} is missing); give the folder of a run "
+                            "of gptlab finetune --task classify")
+    labels = info.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise UsageError(f"{Path(folder) / CLASSIFIER_NAME} must list at least 2 labels")
     return info
 
 

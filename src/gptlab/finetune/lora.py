@@ -14,7 +14,6 @@ loads it as an ordinary model; the adapter alone is saved beside it (`save_adapt
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
 from ..model import unwrap_model
-from ..storage.files import atomic_path, write_json
+from ..storage.files import atomic_path, read_format_file, write_json
 from ..storage.safe_load import check_tensor_set
 
 ADAPTER_NAME = "adapter.safetensors"
@@ -167,17 +166,9 @@ def save_adapter(folder: str | os.PathLike, tensors: dict[str, torch.Tensor], in
 
 def read_adapter_config(folder: str | os.PathLike) -> dict:
     """The adapter_config.json of a run folder (a clear error when there is none)."""
-    path = Path(folder) / ADAPTER_CONFIG_NAME
-    if not path.is_file():
-        raise UsageError(f"--adapter {folder} holds no LoRA adapter ({ADAPTER_CONFIG_NAME} is missing); give the "
-                         "folder of a run fine-tuned with --method lora")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
-    if not isinstance(info, dict) or info.get("format") != ADAPTER_FORMAT:
-        raise UsageError(f"{path} is not a gptlab LoRA adapter config")
-    return info
+    return read_format_file(folder, ADAPTER_CONFIG_NAME, ADAPTER_FORMAT,
+                            f"--adapter {folder} holds no LoRA adapter ({ADAPTER_CONFIG_NAME} is missing); give the "
+                            "folder of a run fine-tuned with --method lora")
 
 
 def check_adapter_base(info: dict, model: nn.Module, source: str) -> None:
