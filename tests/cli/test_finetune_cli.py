@@ -81,7 +81,7 @@ def test_lora_run_saves_merged_weights_and_the_adapter(root, instruct_run):
                               "--lora-targets", "qkv,fc", "--max-steps", "2", "--responses", "1", "--init",
                               str(instruct_run[0])))
     assert proc.returncode == 0, proc.stderr
-    assert "LoRA r=4 alpha=8 dropout 0.05 on qkv, fc" in proc.stdout
+    assert "LoRA r=4 alpha=8 dropout 0 on qkv, fc" in proc.stdout
     assert {"adapter.safetensors", "adapter_config.json"} <= {p.name for p in out.iterdir()}
     assert set(load_file(str(out / "adapter.safetensors"))) == {
         f"trf_blocks.{i}.{m}.lora.{p}" for i in range(2) for m in ("att.qkv", "ff.fc") for p in "AB"}

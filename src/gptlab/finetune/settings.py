@@ -57,7 +57,9 @@ class FinetuneConfig(_Settings):
     lora_r: int = setting(8, "rank of the adapters", "positive", group="lora")
     lora_alpha: float = setting(16.0, "adapter scale: updates are multiplied by alpha / r", "positive_number",
                                 group="lora")
-    lora_dropout: float = setting(0.05, "dropout on the adapters' input", "rate", group="lora")
+    lora_dropout: float = setting(0.0, "dropout on the adapters' input (0, as in the book and PEFT; each adapted "
+                                  "layer then keeps a dropped copy of its input for the backward pass)", "rate",
+                                  group="lora")
     lora_targets: list[str] | None = setting(None, f"comma-separated Linear layers of each block to adapt (default "
                                              f"all: {','.join(LORA_TARGETS)})", "names", group="lora")
     max_new_tokens: int = setting(256, "instruct: longest greedy response generated for the validation set "

@@ -259,7 +259,8 @@ def finish_adapter(model: nn.Module, ft: FinetuneConfig, info: dict, out: Path) 
 def describe_model(model: nn.Module, ft: FinetuneConfig) -> str:
     """Parameters, what trains, and the optimizer memory that costs (AdamW: two float32 moments per weight)."""
     inner = unwrap_model(model)
-    total = sum(p.numel() for p in inner.parameters())
+    adapters = sum(p.numel() for n, p in inner.named_parameters() if ".lora." in n)
+    base = sum(p.numel() for p in inner.parameters()) - adapters
     trainable = sum(p.numel() for p in inner.parameters() if p.requires_grad)
     if ft.uses_lora:
         how = f"LoRA r={ft.lora_r} alpha={ft.lora_alpha:g} dropout {ft.lora_dropout:g} on {', '.join(ft.targets)}"
@@ -267,8 +268,9 @@ def describe_model(model: nn.Module, ft: FinetuneConfig) -> str:
         how = f"trainable: {ft.trainable or 'last-block'}"
     else:
         how = "full fine-tuning"
-    return (f"model: {total:,} parameters; {how}: {trainable:,} trainable ({trainable / total:.2%}); AdamW state "
-            f"{8 * trainable / 2**20:,.1f} MiB (all weights: {8 * total / 2**20:,.1f} MiB)")
+    return (f"model: {base:,} parameters{f' + {adapters:,} in adapters' if adapters else ''}; {how}: {trainable:,} "
+            f"trainable ({trainable / base:.2%} of the model's); AdamW state {8 * trainable / 2**20:,.1f} MiB "
+            f"(for every weight: {8 * base / 2**20:,.1f} MiB)")
 
 
 def fingerprint(*parts: Sequence[tuple[list[int], int]]) -> str:
