@@ -85,6 +85,10 @@ def fine_tuning_files(d, model):
     other = tiny_config(emb_dim=64).to_dict()
     save_adapter(d / "adapter", {}, {"task": "instruct", "r": 2, "alpha": 4, "dropout": 0.0, "targets": ["qkv"],
                                      "base_config": other, "base_fingerprint": "0"})
+    for name, settings in (("ftrun", {"task": "instruct"}), ("trainrun", {"model": "gpt-nano"})):
+        (d / name).mkdir()
+        (d / name / "train_config.json").write_text(json.dumps(settings))
+        (d / name / "checkpoint.pt").write_bytes(b"not read: the settings are checked first")
 
 
 def fine_tuning_cases(d, m):
@@ -117,6 +121,8 @@ def fine_tuning_cases(d, m):
         (("eval", "--model", clf, "--text", "hi there"), 2, "classifier"),
         (("generate", "--model", m, "--prompt", "hi", "--input", "x"), 2, "--instruction"),
         (("generate", "--model", m, "--prompt", "hi", "--instruction", "x"), 2, "not allowed with"),
+        (("train", "--out", str(d / "ftrun"), "--resume"), 2, "gptlab finetune --out"),
+        (("finetune", "--out", str(d / "trainrun"), "--resume"), 2, "gptlab train --out"),
     ]
 
 

@@ -11,6 +11,7 @@ from tests.helpers import (
     INSTRUCTIONS,
     TINY_FINETUNE_MODEL,
     assert_clean_error,
+    labelled_rows,
     run_cli,
     tiny_config,
     write_instructions,
@@ -144,3 +145,23 @@ def test_classify_lora_reports_its_trainable_parts(root):
     assert "LoRA r=8" in proc.stdout
     adapter = load_file(str(root / "clora" / "adapter.safetensors"))
     assert {"out_head.weight", "out_head.bias"} <= set(adapter)  # the new head trains whole
+
+
+def test_prompt_training_truncation_and_named_columns(root):
+    proc = cli(*finetune_args(root, "prompt", "inst.jsonl", "--train-on-prompt", "--max-length", "40", "--max-steps",
+                              "1", "--max-new-tokens", "2", "--val-fraction", "0.25"))
+    assert proc.returncode == 0, proc.stderr
+    assert "loss on the prompt and response" in proc.stdout and "(3 train, 1 validation)" in proc.stdout
+    assert "warning: 3 of the 3 training examples are longer than 40 tokens: 3 are truncated" in proc.stderr
+    settings = json.loads((root / "prompt" / "train_config.json").read_text())
+    assert settings["train_on_prompt"] is True and settings["max_length"] == 40
+    rows = [{"review": text, "stars": 5 if label == "pos" else 1} for text, label in labelled_rows(40)]
+    (root / "reviews.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    proc = cli(*finetune_args(root, "stars", "reviews.jsonl", "--task", "classify", "--text-column", "review",
+                              "--label-column", "stars", "--trainable", "head", "--max-steps", "1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable: head" in proc.stdout and json.loads((root / "stars" / "classifier.json").read_text())[
+        "labels"] == ["1", "5"]
+    result = json.loads(cli("classify", "--model", str(root / "stars"), "--data", str(root / "reviews.jsonl"),
+                            "--json").stdout)  # the run's column names by default
+    assert result["examples"] == 40 and result["labels"] == ["1", "5"]

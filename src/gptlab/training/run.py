@@ -236,10 +236,19 @@ def load_saved_settings(out: Path, run_cls: type = RunConfig) -> tuple[Any, Trai
     """The settings in the run's train_config.json: (run_cls, TrainConfig)."""
     path = out / TRAIN_CONFIG_NAME
     try:
-        return split_settings(json.loads(path.read_text(encoding="utf-8")), run_cls)
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing, so the run cannot be resumed; start a new run") from None
-    except (json.JSONDecodeError, TypeError, UsageError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GptlabError(f"{path} is damaged ({exc}); start a new run with --force") from None
+    if isinstance(data, dict):  # "task" is a setting of fine-tuning runs only (finetune/settings.py)
+        made_by, wanted = ("finetune" if "task" in names else "train" for names in (data, run_cls.field_names()))
+        if made_by != wanted:
+            raise UsageError(f"{out} is a run of gptlab {made_by}; continue it with gptlab {made_by} --out {out} "
+                             "--resume")
+    try:
+        return split_settings(data, run_cls)
+    except (TypeError, UsageError) as exc:
         raise GptlabError(f"{path} is damaged ({exc}); start a new run with --force") from None
 
 
