@@ -153,3 +153,18 @@ def test_resume_is_bit_exact(base, case):
     if case == "classify-lora":
         assert torch.equal(load_file(str(cut / ADAPTER_NAME))["out_head.weight"],
                            load_file(str(whole / ADAPTER_NAME))["out_head.weight"])
+
+
+def test_python_objects_as_model_and_data(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(context_length=64))
+    result = finetune(model, INSTRUCTIONS, tmp_path / "inst", max_steps=2, batch_size=2, max_new_tokens=0, **QUIET)
+    assert result.state.step == 2 and json.loads((tmp_path / "inst" / "train_config.json").read_text())["data"] is None
+    rows = [{"text": f"{word} film", "label": label} for word, label in
+            [("great", "pos"), ("awful", "neg")] * 6]
+    result = finetune(model, rows, tmp_path / "cls", task="classify", max_steps=2, batch_size=4, **QUIET)
+    assert "val_accuracy" in result.metrics[-1]
+    with pytest.raises(UsageError, match="record 2: missing 'label'"):
+        finetune(model, [{"text": "a", "label": "x"}, {"text": "b"}], tmp_path / "bad", task="classify", **QUIET)
+    with pytest.raises(UsageError, match="unknown fine-tuning setting.*did you mean 'lora_r'"):
+        finetune(model, INSTRUCTIONS, tmp_path / "bad", lora_rank=4, **QUIET)

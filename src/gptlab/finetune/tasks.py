@@ -14,7 +14,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..config import GPTConfig
 from ..errors import UsageError
+from ..generation.generate import generate
 from ..model import GPTModel, unwrap_model
 from ..storage.files import atomic_open
 from ..tokenizer import EOT_ID, get_tokenizer
@@ -68,7 +69,6 @@ class Task:
     after: Callable[[nn.Module, TrainResult], None]
     sample: Callable[[nn.Module, int], str | None] | None = None
     extra_metrics: Callable[[nn.Module], dict] | None = None
-    adapter_info: dict = field(default_factory=dict)
 
 
 # --- instructions ----------------------------------------------------------------------------------
@@ -106,15 +106,12 @@ def instruction_task(ft: FinetuneConfig, cfg: TrainConfig, base: GPTModel, train
 
     return Task(model, train_loader, val_loader, fingerprint(sets[0].encoded, sets[1].encoded), plan,
                 write_files=lambda folder: save_template(folder, template), after=after,
-                sample=response_sampler(val_data[: ft.sample_responses], template, cfg.sample_tokens),
-                adapter_info=adapter_info)
+                sample=response_sampler(val_data[: ft.sample_responses], template, cfg.sample_tokens))
 
 
 def respond(model: nn.Module, entries: Sequence[dict], template: PromptTemplate = ALPACA,
             max_new_tokens: int = 256, batch_size: int = 8) -> list[str]:
     """Greedy responses to instruction records, each up to its first <|endoftext|> (the book's chapter 7)."""
-    from ..generation.generate import generate
-
     inner = unwrap_model(model)
     tok = get_tokenizer()
     answers = []
@@ -194,7 +191,7 @@ def classification_task(ft: FinetuneConfig, cfg: TrainConfig, base: GPTModel, tr
                              max_length=max_length)
 
     return Task(model, train_loader, val_loader, fingerprint(sets[0].encoded, sets[1].encoded), plan,
-                write_files=write_files, after=after, extra_metrics=accuracy, adapter_info=adapter_info)
+                write_files=write_files, after=after, extra_metrics=accuracy)
 
 
 # --- shared ----------------------------------------------------------------------------------------
