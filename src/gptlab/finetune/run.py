@@ -9,6 +9,7 @@ Everything is validated before the folder is touched: bad data never leaves a ha
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +22,15 @@ from ..model import GPTModel, unwrap_model
 from ..pretrained.native import CLASSIFIER_NAME
 from ..training.run import RUN_FILES as TRAIN_RUN_FILES
 from ..training.run import (
+    absolute_paths,
     check_data,
+    check_data_unchanged,
     check_model,
     fix_schedule,
     launch,
     load_init,
+    open_run_folder,
+    record_data,
     resume_settings,
     start_run,
 )
@@ -47,7 +52,13 @@ def run_finetune(ft: FinetuneConfig, cfg: TrainConfig, out: str | os.PathLike | 
                  records: Sequence[dict] | None = None) -> TrainResult:
     """Fine-tune as `gptlab finetune` does. `model` / `records`: a model and examples given as Python
     objects instead of `ft.init` / `ft.data`."""
-    start = start_run(out, cfg, ft.strategy, resume, force, log)
+    out = open_run_folder(out, resume, force)
+    if resume:
+        check_data_unchanged(ft.data_files or [])
+    else:  # paths absolute and the data files' hashes kept, so that the run resumes from anywhere, on the same data
+        ft = absolute_paths(ft)
+        ft = dataclasses.replace(ft, data_files=record_data([p for p in (ft.data, ft.val_data) if p]))
+    start = start_run(out, cfg, ft.strategy, resume, log)
     ft = adapter_settings(ft)
     train_part, val_part = load_examples(ft, cfg.seed, records)  # checked before the (slow) model load
     if model is None and not ft.init:

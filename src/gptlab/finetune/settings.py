@@ -44,6 +44,8 @@ class FinetuneConfig(_Settings):
     label_column: str = setting("label", "classify: the column (or JSON key) holding the label", "text",
                                 group="data")
     num_workers: int = setting(0, "data-loader worker processes", "count", group="data")
+    data_files: list[dict] | None = setting(None, "the data files with their sizes and sha256: checked when the "
+                                            "run resumes", cli=False)
     init: str | None = setting(None, "the model to fine-tune: anything --model accepts (a GPT-2 name, an "
                                "OpenAI/Hugging Face/gptlab folder, a run folder, a book .pth)", "text", group="model")
     method: str = setting("full", "full: train the weights themselves; lora: train low-rank adapters on "

@@ -118,10 +118,11 @@ def respond(model: nn.Module, entries: Sequence[dict], template: PromptTemplate 
     for i in range(0, len(entries), batch_size):
         prompts = [tok.encode_ordinary(template.format(e["instruction"], e.get("input") or ""))
                    for e in entries[i : i + batch_size]]
-        out = generate(inner, prompts, max_new_tokens, temperature=0.0, eos_id=EOT_ID)
-        width = max(len(p) for p in prompts)  # the batch is left-padded to the longest prompt
-        for row in out[:, width:].tolist():
-            answers.append(tok.decode(row[: row.index(EOT_ID)] if EOT_ID in row else row).strip())
+        # one batch (left-padded inside); each row comes back as its prompt and its new ids, up to <|endoftext|>
+        rows = generate(inner, prompts, max_new_tokens, temperature=0.0, eos_id=EOT_ID)
+        for prompt, row in zip(prompts, rows, strict=True):
+            new = row[len(prompt):].tolist()
+            answers.append(tok.decode(new[: new.index(EOT_ID)] if EOT_ID in new else new).strip())
     return answers
 
 
