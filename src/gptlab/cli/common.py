@@ -111,10 +111,11 @@ def _help(field) -> str:
 
 
 def add_settings_options(groups: dict[str, argparse._ArgumentGroup], *settings_classes,
-                         skip: tuple[str, ...] = ()) -> None:
+                         skip: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
     """One `--field-name` option per command-line field of the given settings dataclasses (but `skip`).
 
     Every option defaults to None, so that a resumed run can tell which options were given now.
+    `helps` replaces the help text of some fields (a verb whose defaults differ from the dataclass's).
     """
     for cls in settings_classes:
         for field in dataclasses.fields(cls):
@@ -123,15 +124,15 @@ def add_settings_options(groups: dict[str, argparse._ArgumentGroup], *settings_c
                 continue
             flag = "--" + field.name.replace("_", "-")
             group = groups[meta["group"]]
-            kind = meta["kind"]
+            kind, text = meta["kind"], (helps or {}).get(field.name) or _help(field)
             if kind == "flag":
-                group.add_argument(flag, action="store_true", default=None, help=_help(field))
+                group.add_argument(flag, action="store_true", default=None, help=text)
             elif kind == "choice":
-                group.add_argument(flag, choices=meta["choices"], help=_help(field))
+                group.add_argument(flag, choices=meta["choices"], help=text)
             elif kind == "paths":
-                group.add_argument(flag, nargs="+", metavar="PATH", help=_help(field))
+                group.add_argument(flag, nargs="+", metavar="PATH", help=text)
             else:
-                group.add_argument(flag, type=_PARSERS[kind], help=_help(field))
+                group.add_argument(flag, type=_PARSERS[kind], help=text)
 
 
 def settings_given(args: argparse.Namespace, *settings_classes) -> dict:

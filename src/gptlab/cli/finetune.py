@@ -18,6 +18,14 @@ GROUPS = ("task", "data", "model", "lora (with --method lora)", "optimisation", 
 # The loop's prompt sample is replaced by greedy answers to validation instructions.
 NOT_OPTIONS = ("sample_prompt",)
 LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+# The loop's options whose fine-tuning defaults differ from pretraining's (finetune/settings.py train_defaults).
+HELPS = {
+    "epochs": "passes over the training data (default 2, classify 5; --max-steps alone: exactly that many steps)",
+    "lr": "peak learning rate (default 5e-5, LoRA 2e-4)",
+    "weight_decay": "AdamW decay on 2-D weights (default 0.1, LoRA 0)",
+    "warmup_steps": "linear warmup steps (default 0)",
+    "sample_tokens": "longest greedy answer in the log after each epoch (default 50)",
+}
 
 
 DESCRIPTION = (
@@ -32,7 +40,7 @@ def register(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model on instructions or labelled texts (full or LoRA)",
                        description=DESCRIPTION)
     groups = {name.split(" (")[0]: p.add_argument_group(name) for name in GROUPS}
-    common.add_settings_options(groups, FinetuneConfig, TrainConfig, skip=NOT_OPTIONS)
+    common.add_settings_options(groups, FinetuneConfig, TrainConfig, skip=NOT_OPTIONS, helps=HELPS)
     common.add_run_folder_options(groups["evaluation and output"], "fine-tuning")
     p.set_defaults(func=run)
 
