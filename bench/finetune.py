@@ -29,7 +29,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 CONTESTANTS = ("gptlab-full", "gptlab-lora", "peft-lora")
 SHAPES = {
@@ -105,23 +104,15 @@ def make_step(name: str, spec: dict):
     return step, x.numel()
 
 
-def timed_steps(step, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def memory_child(name: str, spec: dict) -> dict:
     """One contestant alone in this process: its peak RSS (and, as a side number, its own speed)."""
     import torch
 
+    from .child import timed
+
     torch.set_num_threads(spec["threads"])
     step, tokens = make_step(name, spec)
-    timed_steps(step, spec["warmup"])
-    times = timed_steps(step, 2)
+    times = timed(step, spec["warmup"], 2)
     return {"contestant": name, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "alone_tokens_per_s": tokens / statistics.median(times)}
 
@@ -131,14 +122,16 @@ def speed_child(spec: dict) -> dict:
     machine then slows all of them alike, so their ratio holds even when the absolute speeds do not."""
     import torch
 
+    from .child import timed
+
     torch.set_num_threads(spec["threads"])
     steps = {name: make_step(name, spec) for name in CONTESTANTS}
     for step, _ in steps.values():
-        timed_steps(step, spec["warmup"])
+        timed(step, spec["warmup"], 0)
     times: dict[str, list[float]] = {name: [] for name in CONTESTANTS}
     for _ in range(spec["rounds"]):
         for name, (step, _) in steps.items():
-            times[name] += timed_steps(step, 1)
+            times[name] += timed(step, 0, 1)
     return {name: {"step_s": t, "tokens_per_s": steps[name][1] / statistics.median(t),
                    "best_tokens_per_s": steps[name][1] / min(t)} for name, t in times.items()}
 
