@@ -61,3 +61,47 @@ def write_training_fixture(root: Path, words: list[str], n_words: int = 2500) ->
     (root / "text.txt").write_text(" ".join(rng.choice(words) for _ in range(n_words)) + "\n", encoding="utf-8")
     (root / "tiny.json").write_text(json.dumps(TINY_TRAIN_MODEL), encoding="utf-8")
     return root
+
+
+INSTRUCTIONS = [
+    {"instruction": "Name the color of the sky.", "input": "", "output": "The sky is blue."},
+    {"instruction": "What is two plus two?", "input": "", "output": "Two plus two is four."},
+    {"instruction": "Translate the word into French.", "input": "cat", "output": "chat"},
+    {"instruction": "Give the opposite of the word.", "input": "hot", "output": "cold"},
+]
+TINY_FINETUNE_MODEL = {"vocab_size": 50257, "context_length": 64, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
+                       "drop_rate": 0.0}
+
+
+def write_instructions(path: Path, records: list[dict] | None = None, jsonl: bool = False) -> Path:
+    records = INSTRUCTIONS if records is None else records
+    text = "\n".join(json.dumps(r) for r in records) if jsonl else json.dumps(records, indent=1)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+POSITIVE = "great wonderful excellent lovely superb fantastic".split()
+NEGATIVE = "awful terrible horrible dreadful poor nasty".split()
+FILLER = "the movie was and it a story film plot acting".split()
+
+
+def labelled_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Separable toy reviews: filler words plus one word that decides the label (pos/neg)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 8))]
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_labelled_csv(path: Path, n: int = 200, seed: int = 0, delimiter: str = ",") -> Path:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, delimiter=delimiter)
+        writer.writerow(["text", "label"])
+        writer.writerows(labelled_rows(n, seed))
+    return path

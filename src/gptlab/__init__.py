@@ -1,4 +1,4 @@
-"""gptlab: pretrain, evaluate and sample GPT-2-style language models.
+"""gptlab: pretrain, fine-tune, evaluate and sample GPT-2-style language models.
 
 Names are imported lazily (PEP 562): `import gptlab` and `gptlab --help` do not load torch;
 `from gptlab import train` imports the module that defines it on first use.
@@ -69,6 +69,29 @@ _LAZY = {
     "download_model": "pretrained",
     "load_pretrained": "pretrained",
     "save_hf": "pretrained",
+    "finetune": "finetune.run",
+    "FinetuneConfig": "finetune.settings",
+    "PromptTemplate": "finetune.templates",
+    "format_instruction": "finetune.templates",
+    "load_template": "finetune.templates",
+    "save_template": "finetune.templates",
+    "InstructionDataset": "finetune.instructions",
+    "instruction_collate": "finetune.instructions",
+    "load_instruction_data": "finetune.instructions",
+    "LoRALayer": "finetune.lora",
+    "LinearWithLoRA": "finetune.lora",
+    "add_lora": "finetune.lora",
+    "merge_lora": "finetune.lora",
+    "load_adapter": "finetune.lora",
+    "GPTClassifier": "finetune.classifier",
+    "build_classifier": "finetune.classifier",
+    "calc_accuracy_loader": "finetune.classifier",
+    "classification_collate": "finetune.classifier",
+    "classify_texts": "finetune.classifier",
+    "load_classifier": "finetune.classifier",
+    "ClassificationDataset": "finetune.classify_data",
+    "load_classification_data": "finetune.classify_data",
+    "respond": "finetune.tasks",
 }
 
 

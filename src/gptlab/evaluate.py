@@ -15,7 +15,11 @@ from .model import GPTModel
 
 
 def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: torch.nn.Module, device) -> Tensor:
-    """Mean next-token cross-entropy of one batch (a scalar tensor that can be backpropagated)."""
+    """Mean cross-entropy of one batch (a scalar tensor that can be backpropagated).
+
+    A language model's (B, T, V) logits are scored against (B, T) next-token targets, a classifier's
+    (B, K) logits against (B,) class ids. Targets of -100 are left out (prompt and padding tokens).
+    """
     input_batch = input_batch.to(device, non_blocking=True)
     target_batch = target_batch.to(device, non_blocking=True)
     if type(model) is GPTModel:
@@ -24,7 +28,7 @@ def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: torch.nn.M
         return model.loss(input_batch, target_batch)
     logits = model(input_batch)
     # float32 for the softmax even under autocast: low-precision log-sum-exp over 50k logits is lossy.
-    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target_batch.reshape(-1))
 
 
 def calc_loss_loader(

@@ -140,7 +140,7 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(config.drop_rate)
         self.trf_blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.emb_dim, eps=1e-5)
-        self.out_head = nn.Linear(config.emb_dim, V, bias=False)
+        self.out_head = self.make_head(config)
         self.tie_weights()
         # Set by prepare_for_decoding: batch-1 cached steps on CPU in the C kernel (generation/kernel.py),
         # and single-token steps compiled over static caches (generation/compiled.py), used by generate.
@@ -148,6 +148,11 @@ class GPTModel(nn.Module):
         self.compiled_decoder = None
         if not self.tok_emb.weight.is_meta:  # a meta model (shapes only, weights loaded later) skips it
             self.reset_parameters()
+
+    def make_head(self, config: GPTConfig) -> nn.Module:
+        """The layer on top of the final norm: the LM head over the (padded) vocabulary; a classifier
+        (finetune/classifier.py) puts a Linear over its classes here instead."""
+        return nn.Linear(config.emb_dim, config.padded_vocab_size, bias=False)
 
     def tie_weights(self) -> None:
         """Share the token embedding with the LM head when the config asks for it (GPT-2's choice)."""

@@ -60,7 +60,70 @@ def files(tmp_path_factory):
     (d / "program").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + bytes(range(256)) * 8)  # an executable
     (d / "typo.json").write_text(json.dumps({**{k: v for k, v in tiny_config().to_dict().items() if k != "n_heads"},
                                              "n_head": 4}), encoding="utf-8")
+    fine_tuning_files(d, model)
     return d
+
+
+def fine_tuning_files(d, model):
+    """Instruction and classification data, good and broken; a classifier; an adapter made for another model."""
+    from gptlab.finetune.classifier import build_classifier, save_classifier_info
+    from gptlab.finetune.lora import save_adapter
+    from tests.helpers import write_instructions, write_labelled_csv
+
+    write_instructions(d / "inst.json")
+    (d / "malformed.json").write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]')
+    (d / "nooutput.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
+    (d / "nonstring.jsonl").write_text('{"instruction": "a", "input": 7, "output": "b"}\n')
+    (d / "empty.json").write_text("")
+    write_labelled_csv(d / "cls.csv", 30)
+    (d / "nocol.csv").write_text("review,stars\ngreat,5\n")
+    (d / "oneclass.csv").write_text("text,label\ngreat,pos\nfine,pos\nnice,pos\n")
+    (d / "valextra.csv").write_text("text,label\ngreat,pos\nso so,meh\n")
+    classifier = build_classifier(model, 2, ["neg", "pos"])
+    save_model(classifier, d / "classifier")
+    save_classifier_info(d / "classifier", ["neg", "pos"])
+    other = tiny_config(emb_dim=64).to_dict()
+    save_adapter(d / "adapter", {}, {"task": "instruct", "r": 2, "alpha": 4, "dropout": 0.0, "targets": ["qkv"],
+                                     "base_config": other, "base_fingerprint": "0"})
+    for name, settings in (("ftrun", {"task": "instruct"}), ("trainrun", {"model": "gpt-nano"})):
+        (d / name).mkdir()
+        (d / name / "train_config.json").write_text(json.dumps(settings))
+        (d / name / "checkpoint.pt").write_bytes(b"not read: the settings are checked first")
+
+
+def fine_tuning_cases(d, m):
+    def ft(out, data, *extra):
+        return ("finetune", "--init", m, "--data", str(d / data), "--out", str(d / out), *extra)
+
+    clf = str(d / "classifier")
+    return [
+        (ft("f1", "malformed.json"), 2, "line 2"),
+        (ft("f2", "nooutput.jsonl"), 2, "record 2 (line 2): missing 'output'"),
+        (ft("f3", "nonstring.jsonl"), 2, "'input' must be a string"),
+        (ft("f4", "empty.json"), 2, "empty"),
+        (ft("f5", "nocol.csv", "--task", "classify"), 2, "no column 'text'"),
+        (ft("f6", "oneclass.csv", "--task", "classify"), 2, "single class"),
+        (ft("f7", "cls.csv", "--task", "classify", "--val-data", str(d / "valextra.csv")), 2, "lacks"),
+        (ft("f8", "inst.json", "--lora-r", "0"), 2, "--lora-r"),
+        (ft("f8", "inst.json", "--method", "lora", "--lora-r", "-3"), 2, "--lora-r"),
+        (ft("f9", "inst.json", "--adapter", str(d / "adapter")), 2, "another base model"),
+        (ft("f10", "cls.csv"), 2, "--task classify"),
+        (ft("f11", "inst.json", "--task", "classify"), 2, "instruction data"),
+        (("finetune", "--data", str(d / "inst.json"), "--out", str(d / "f12")), 2, "--init"),
+        (ft("f13", "inst.json", "--method", "lora", "--lora-targets", "c_attn"), 2, "--lora-targets"),
+        (ft("f14", "inst.json", "--max-length", "999"), 2, "--max-length"),
+        (ft("f15", "inst.json", "--adapter", str(d / "adapter"), "--lora-alpha", "2"), 2, "own LoRA settings"),
+        (ft("f16", "inst.json", "--trainable", "head"), 2, "--trainable"),
+        (("classify", "--model", m, "--text", "hi"), 2, "not a classifier"),
+        (("classify", "--model", clf, "--data", str(d / "nocol.csv")), 2, "no column 'text'"),
+        (("classify", "--model", clf, "--data", str(d / "empty.json")), 2, "empty"),
+        (("generate", "--model", clf, "--prompt", "hi"), 2, "classifier"),
+        (("eval", "--model", clf, "--text", "hi there"), 2, "classifier"),
+        (("generate", "--model", m, "--prompt", "hi", "--input", "x"), 2, "--instruction"),
+        (("generate", "--model", m, "--prompt", "hi", "--instruction", "x"), 2, "not allowed with"),
+        (("train", "--out", str(d / "ftrun"), "--resume"), 2, "gptlab finetune --out"),
+        (("finetune", "--out", str(d / "trainrun"), "--resume"), 2, "gptlab train --out"),
+    ]
 
 
 def cases(d):
@@ -146,6 +209,7 @@ def cases(d):
         ((*plot[:-1], str(d / "text.txt" / "plot.png")), 1, "text.txt"),
         (("convert", "--to", "hf", m, str(d / "text.txt" / "hf")), 1, "text.txt"),
         (("sampling-plot", "--model", m, "--prompt", "hi", "--out", "/proc/gptlab-plot.png"), 1, "gptlab-plot"),
+        *fine_tuning_cases(d, m),
     ]
 
 
@@ -178,7 +242,8 @@ def test_bad_input_matrix(files):
     leftovers = sorted(str(p.relative_to(files)) for p in files.rglob("*") if p.name.endswith(".tmp"))
     assert not (files / "PWNED_MARKER").exists(), "a pickle ran code"
     assert not leftovers, f"half-written files left: {leftovers}"
-    for made in ("r1", "r2", "r3", "r4", "r5", "r6", "r7", "p0", "p2", "p3", "p4", "p5", "c", "c1", "plot.png"):
+    for made in ("r1", "r2", "r3", "r4", "r5", "r6", "r7", "p0", "p2", "p3", "p4", "p5", "c", "c1", "plot.png",
+                 *(f"f{i}" for i in range(1, 17))):
         path = files / made
         assert not path.exists() or (path.is_dir() and not any(path.iterdir())), f"{made} was created"
     assert not failures, f"{len(failures)} of {len(table)} bad inputs answered badly:\n" + "\n".join(failures)

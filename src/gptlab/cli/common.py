@@ -92,9 +92,15 @@ def rate(text: str) -> float:
     return value
 
 
+def names(text: str) -> list[str]:
+    """A comma-separated list of names."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 # How a settings field's "kind" (training/settings.py `setting`) is parsed on the command line.
 _PARSERS = {"positive": positive_int, "count": non_negative_int, "number": non_negative_float,
-            "positive_number": positive_float, "fraction": fraction_open, "rate": rate, "text": str}
+            "positive_number": positive_float, "fraction": fraction_open, "rate": rate, "text": str,
+            "names": names}
 
 
 def _help(field) -> str:
@@ -104,30 +110,75 @@ def _help(field) -> str:
     return f"{text} (default {field.default})"
 
 
-def add_settings_options(groups: dict[str, argparse._ArgumentGroup], *settings_classes) -> None:
-    """One `--field-name` option per command-line field of the given settings dataclasses.
+def add_settings_options(groups: dict[str, argparse._ArgumentGroup], *settings_classes,
+                         skip: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
+    """One `--field-name` option per command-line field of the given settings dataclasses (but `skip`).
 
     Every option defaults to None, so that a resumed run can tell which options were given now.
+    `helps` replaces the help text of some fields (a verb whose defaults differ from the dataclass's).
     """
     for cls in settings_classes:
         for field in dataclasses.fields(cls):
             meta = field.metadata
-            if not meta.get("cli"):
+            if not meta.get("cli") or field.name in skip:
                 continue
             flag = "--" + field.name.replace("_", "-")
             group = groups[meta["group"]]
-            kind = meta["kind"]
+            kind, text = meta["kind"], (helps or {}).get(field.name) or _help(field)
             if kind == "flag":
-                group.add_argument(flag, action="store_true", default=None, help=_help(field))
+                group.add_argument(flag, action="store_true", default=None, help=text)
             elif kind == "choice":
-                group.add_argument(flag, choices=meta["choices"], help=_help(field))
+                group.add_argument(flag, choices=meta["choices"], help=text)
             elif kind == "paths":
-                group.add_argument(flag, nargs="+", metavar="PATH", help=_help(field))
+                group.add_argument(flag, nargs="+", metavar="PATH", help=text)
             else:
-                group.add_argument(flag, type=_PARSERS[kind], help=_help(field))
+                group.add_argument(flag, type=_PARSERS[kind], help=text)
 
 
 def settings_given(args: argparse.Namespace, *settings_classes) -> dict:
     """The settings fields given on the command line (not None), by field name."""
     names = [f.name for cls in settings_classes for f in dataclasses.fields(cls) if f.metadata.get("cli")]
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+# --- what `gptlab train` and `gptlab finetune` share -------------------------------------------------
+
+
+def add_run_folder_options(group: argparse._ArgumentGroup, verb: str) -> None:
+    group.add_argument("--out", metavar="DIR", help="run folder (runs/<date>-<time>)")
+    group.add_argument("--resume", action="store_true", help=f"continue the {verb} run in --out from its checkpoint")
+    group.add_argument("--force", action="store_true", help="overwrite the run already in --out")
+
+
+def check_run_folder_args(args: argparse.Namespace) -> None:
+    from ..errors import UsageError
+
+    if args.resume and args.force:
+        raise UsageError("--resume and --force contradict each other; give one of them")
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out DIR, the run to continue")
+
+
+def run_job(start):
+    """Run `start()` (a training run, maybe one rank of a torchrun job) and leave the job cleanly.
+
+    Returns its result on rank 0 (and in a single process), None on the other ranks.
+    """
+    from ..training.distributed import cleanup, is_main_process
+
+    ok = False
+    try:
+        result = start()
+        main = is_main_process()  # before cleanup(), which leaves the process group
+        ok = True
+    finally:
+        cleanup(sync=ok)
+    return result if main else None
+
+
+def report_stop(result, verb: str) -> bool:
+    """Say how to continue an interrupted run (True if it was interrupted)."""
+    if result.interrupted:
+        print(f"stopped at step {result.state.step}; continue with: gptlab {verb} --out {result.out_dir} --resume",
+              file=sys.stderr)
+    return result.interrupted

@@ -1,5 +1,9 @@
 """`gptlab generate`: continue a prompt with a model, streaming the text as it is produced.
 
+`--instruction TEXT [--input TEXT]` asks an instruction-tuned model (a run of `gptlab finetune`):
+the prompt is formatted with the run's stored template (prompt_template.json) and only the
+response is printed, up to `<|endoftext|>`; it is greedy unless --temperature is given.
+
 An empty `--prompt` starts from `<|endoftext|>` (GPT-2's document separator, the usual "no
 prompt"). A prompt longer than the context keeps its last `context_size` tokens, with a warning.
 `--num-samples N` samples N continuations as one batch; the text of a single sample streams to the
@@ -42,12 +46,17 @@ def register(sub) -> None:
         "characters: GPT-2's byte-level tokens can hold part of a character (many Chinese characters and "
         "emoji take two or three tokens), so such a token prints nothing until the next one completes the "
         "character. '\ufffd' appears only where the output ends (or the model writes bytes) in the middle "
-        "of a character.")
+        "of a character. --instruction asks a fine-tuned model (gptlab finetune) and prints only its answer.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--prompt", required=True, help="text to continue ('' starts from <|endoftext|>)")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=50, help="tokens to add (default 50)")
-    p.add_argument("--temperature", type=non_negative_float, default=1.0,
-                   help="0 = greedy argmax; higher = more random (default 1.0)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text to continue ('' starts from <|endoftext|>)")
+    what.add_argument("--instruction", help="an instruction for a fine-tuned model: formatted with its prompt "
+                      "template, only the response is printed")
+    p.add_argument("--input", default="", help="with --instruction: the input the instruction works on")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=None,
+                   help="tokens to add (default 50; with --instruction 256)")
+    p.add_argument("--temperature", type=non_negative_float, default=None,
+                   help="0 = greedy argmax; higher = more random (default 1.0; with --instruction 0)")
     p.add_argument("--top-k", type=positive_int, default=None, help="sample only from the K most likely tokens")
     p.add_argument("--top-p", type=top_p_value, default=None,
                    help="sample only from the smallest set of tokens whose probability reaches P")
@@ -82,6 +91,20 @@ def prompt_ids_for(text: str, window: int) -> tuple[list[int], str | None]:
     return ids[-window:], f"prompt has {len(ids)} tokens, more than the context of {window}; using its last {window}"
 
 
+def instruction_prompt(args: argparse.Namespace) -> str:
+    """--instruction/--input formatted with the model folder's template (the book's Alpaca one if it has none)."""
+    from pathlib import Path
+
+    from ..finetune.templates import ALPACA, load_template
+
+    template = load_template(args.model) if Path(args.model).is_dir() else None
+    if template is None:
+        print(f"warning: {args.model} has no prompt template (not a gptlab finetune run); using the "
+              f"{ALPACA.name} template", file=sys.stderr)
+        template = ALPACA
+    return template.format(args.instruction, args.input)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -90,8 +113,15 @@ def run(args: argparse.Namespace) -> int:
     from ..generation.generate import stream_generate
     from ..hardware import warn_if_slow_bfloat16
     from ..pretrained.resolve import load_model_arg
-    from ..tokenizer import EOT_ID, decode
+    from ..tokenizer import ENDOFTEXT, EOT_ID, decode
 
+    if args.input and args.instruction is None:
+        raise UsageError("--input goes with --instruction")
+    asking = args.instruction is not None
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 256 if asking else 50  # the book's response limit in chapter 7
+    if args.temperature is None:
+        args.temperature = 0.0 if asking else 1.0
     device = pick_device(args, quiet=not args.verbose)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     kernel = args.cpu_kernel
@@ -109,7 +139,14 @@ def run(args: argparse.Namespace) -> int:
     window = args.context_size or config.context_length
     if window > config.context_length:
         raise UsageError(f"--context-size {window} is larger than the model's context_length {config.context_length}")
-    ids, warning = prompt_ids_for(args.prompt, window)
+    if asking:  # tokenized as in fine-tuning (finetune/instructions.py): special-token text stays text
+        from ..tokenizer import get_tokenizer
+
+        ids = get_tokenizer().encode_ordinary(instruction_prompt(args))
+        ids, warning = ids[-window:], (f"the prompt has {len(ids)} tokens, more than the context of {window}; "
+                                       f"using its last {window}" if len(ids) > window else None)
+    else:
+        ids, warning = prompt_ids_for(args.prompt, window)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     eos_id = None if args.no_eos_stop or EOT_ID >= config.vocab_size else EOT_ID
@@ -119,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         top_p=args.top_p, eos_id=eos_id, seed=args.seed, use_cache=not args.no_cache,
     )
     live = not args.json and args.num_samples == 1
-    if live:
+    if live and not asking:
         sys.stdout.write(decode(ids) if args.prompt else "")
         sys.stdout.flush()
     new_ids: list[list[int]] = [[] for _ in range(args.num_samples)]
@@ -130,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
             if tid is not None:
                 new_ids[i].append(tid)
         texts = chunk.text_so_far
+        if asking:  # the response ends at <|endoftext|>, which is not part of it
+            texts = [t.removesuffix(ENDOFTEXT) for t in texts]
+            if chunk.token_ids[0] == EOT_ID:
+                continue
         if live and chunk.text[0]:
             sys.stdout.write(chunk.text[0])
             sys.stdout.flush()
@@ -142,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, text in enumerate(texts):
             print(f"=== sample {i + 1} ===")
-            print((decode(ids) if args.prompt else "") + text)
+            print((decode(ids) if args.prompt and not asking else "") + text)
     if args.verbose:
         n = sum(len(x) for x in new_ids)
         rate = n / seconds if seconds > 0 else float("inf")

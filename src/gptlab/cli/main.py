@@ -20,8 +20,10 @@ COMMANDS = {
     "convert": "convert",
     "prepare": "prepare",
     "train": "train",
+    "finetune": "finetune",
     "eval": "eval",
     "generate": "generate",
+    "classify": "classify",
     "sampling-plot": "sampling_plot",
 }
 

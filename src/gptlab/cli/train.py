@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 from ..training.settings import RunConfig, TrainConfig
-from .common import add_settings_options, settings_given
+from .common import (
+    add_run_folder_options,
+    add_settings_options,
+    check_run_folder_args,
+    report_stop,
+    run_job,
+    settings_given,
+)
 
 GROUPS = ("data", "model", "optimisation", "evaluation and output", "system",
           "scale (launch with torchrun for several processes; see docs/scale.md)")
@@ -26,10 +32,7 @@ def register(sub) -> None:
     )
     groups = {name.split(" (")[0]: p.add_argument_group(name) for name in GROUPS}
     add_settings_options(groups, RunConfig, TrainConfig)
-    out = groups["evaluation and output"]
-    out.add_argument("--out", metavar="DIR", help="run folder (runs/<date>-<time>)")
-    out.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    out.add_argument("--force", action="store_true", help="overwrite the run already in --out")
+    add_run_folder_options(groups["evaluation and output"], "training")
     p.set_defaults(func=run)
 
 
@@ -38,14 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UsageError
     from ..evaluate import perplexity
-    from ..training.distributed import cleanup, is_main_process
     from ..training.run import check_out_dir, resume_settings, run_training
 
     explicit = settings_given(args, RunConfig, TrainConfig)
-    if args.resume and args.force:
-        raise UsageError("--resume and --force contradict each other; give one of them")
-    if args.resume and not args.out:
-        raise UsageError("--resume needs --out DIR, the run to continue")
+    check_run_folder_args(args)
     if "model" in explicit and "init" in explicit:
         raise UsageError("give --model (random weights) or --init (existing weights), not both")
     if args.resume:
@@ -55,20 +54,12 @@ def run(args: argparse.Namespace) -> int:
         names = {f.name for f in dataclasses.fields(RunConfig)}
         run_cfg = RunConfig(**{k: v for k, v in explicit.items() if k in names})
         cfg = TrainConfig(**{k: v for k, v in explicit.items() if k not in names})
-    ok = False
-    try:
-        result = run_training(run_cfg, cfg, args.out, resume=args.resume, force=args.force)
-        main = is_main_process()  # before cleanup(), which leaves the process group
-        ok = True
-    finally:
-        cleanup(sync=ok)
-    if not main:
+    result = run_job(lambda: run_training(run_cfg, cfg, args.out, resume=args.resume, force=args.force))
+    if result is None:  # another rank than 0 of a torchrun job
         return 0
-    out = result.out_dir
-    if result.interrupted:
-        print(f"stopped at step {result.state.step}; continue with: gptlab train --out {out} --resume",
-              file=sys.stderr)
+    if report_stop(result, "train"):
         return 130
+    out = result.out_dir
     final = result.metrics[-1]
     print(
         f"done: {result.state.step} steps, {result.state.tokens_seen:,} tokens in {final['elapsed_s'] / 60:.1f} min; "

@@ -21,6 +21,7 @@ import torch
 from ..config import ALIASES, PRESETS, GPTConfig
 from ..errors import GptlabError, UsageError, did_you_mean
 from ..model import GPTModel
+from ..storage.files import read_json
 from ..storage.safe_load import inspect_safetensors
 from .assemble import Spec, assemble
 from .book import book_config, load_book, read_book_state
@@ -41,17 +42,10 @@ from .hf import (
     looks_like_hf_config,
     save_hf,
 )
-from .native import CONFIG_NAME, WEIGHTS_NAME, expected_shapes
+from .native import CLASSIFIER_NAME, CONFIG_NAME, WEIGHTS_NAME, expected_shapes
 from .openai import HPARAMS_NAME, config_from_hparams, is_openai_folder, load_openai
 
 __all__ = ["download_model", "identify", "load_pretrained", "read_config", "save_hf"]
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
 
 
 def _gptlab_file_config(path: Path, meta: dict | None = None) -> GPTConfig:
@@ -121,12 +115,19 @@ def identify(path_or_name: str | os.PathLike) -> Source:
                      f"folder or a weights file{did_you_mean(str(path_or_name), [*PRESETS, *ALIASES])}")
 
 
+def _refuse_classifier(folder: Path) -> None:
+    if (folder / CLASSIFIER_NAME).is_file():
+        raise UsageError(f"{folder} holds a text classifier, not a language model: classify with it "
+                         f"(gptlab classify --model {folder}; Python: gptlab.load_classifier)")
+
+
 def _identify_folder(path: Path) -> Source:
+    _refuse_classifier(path)
     if is_openai_folder(path):
         return Source("openai", path)
     config_path = path / CONFIG_NAME
     if config_path.is_file():
-        if looks_like_hf_config(_read_json(config_path)):
+        if looks_like_hf_config(read_json(config_path)):
             if hf_weight_files(path) is None:
                 raise UsageError(f"{path} has a Hugging Face {CONFIG_NAME} but no weights ({SAFETENSORS_NAME} or "
                                  f"{BIN_NAME}); copy the weights there")
@@ -155,8 +156,9 @@ def _identify_file(path: Path) -> Source:
     if suffix == ".bin" or path.name == BIN_NAME:
         return Source("hf", path.parent, weights=path)
     if suffix == ".safetensors":
+        _refuse_classifier(path.parent)
         beside = path.parent / CONFIG_NAME
-        if beside.is_file() and looks_like_hf_config(_read_json(beside)):
+        if beside.is_file() and looks_like_hf_config(read_json(beside)):
             return Source("hf", path.parent, weights=path)
         return Source("gptlab", path.parent, path, None)
     if path.name == CONFIG_NAME:
@@ -172,7 +174,7 @@ def read_config(path_or_name: str | os.PathLike) -> GPTConfig:
     if source.kind == "openai":
         return config_from_hparams(source.path / HPARAMS_NAME)
     if source.kind == "hf":
-        return config_from_hf(_read_json(source.path / CONFIG_NAME), str(source.path / CONFIG_NAME))
+        return config_from_hf(read_json(source.path / CONFIG_NAME), str(source.path / CONFIG_NAME))
     if source.kind == "book":
         return book_config(read_book_state(source.path), source.path)[0]
     if source.config is not None:

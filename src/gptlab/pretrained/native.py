@@ -22,6 +22,9 @@ from ..storage.safe_load import check_tensor_set, inspect_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Beside config.json + model.safetensors in a classifier's folder (finetune/classifier.py): its head
+# is over classes, not the vocabulary, so it is no language model.
+CLASSIFIER_NAME = "classifier.json"
 
 
 def model_state_for_saving(model: GPTModel) -> dict[str, torch.Tensor]:

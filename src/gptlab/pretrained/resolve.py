@@ -28,6 +28,7 @@ UNTRAINED = {
     "eval": "its loss is that of an untrained model",
     "explain": "its probabilities are those of an untrained model",
     "serve": "its output will be gibberish",
+    "finetune": "fine-tuning it only tries the pipeline out",
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import faults
-from ..errors import GptlabError
+from ..errors import GptlabError, UsageError
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -112,6 +112,26 @@ def atomic_open(target: str | os.PathLike, mode: str = "w", encoding: str | None
     with atomic_path(target) as tmp, open(tmp, mode, encoding=encoding) as fh:
         yield fh
         fh.flush()
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in `path`; a missing, unreadable or invalid file is one UsageError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def read_format_file(folder: str | os.PathLike, name: str, fmt: str, missing: str) -> dict:
+    """The JSON object `name` in `folder` whose "format" field must be `fmt` (a file that says what a
+    folder holds, e.g. classifier.json); `missing` is the error when there is no such file."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise UsageError(missing)
+    info = read_json(path)
+    if not isinstance(info, dict) or info.get("format") != fmt:
+        raise UsageError(f'{path} is not a {fmt} description (its "format" field must be {fmt!r})')
+    return info
 
 
 def write_json(target: str | os.PathLike, obj: Any) -> None:

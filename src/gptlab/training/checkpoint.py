@@ -22,6 +22,7 @@ from torch import nn
 from .. import faults
 from ..config import GPTConfig
 from ..errors import GptlabError, UsageError
+from ..finetune.lora import lora_layers, merged_state_dict
 from ..model import GPTModel, unwrap_model
 from ..pretrained.native import load_state_into, model_state_for_saving, save_model, save_state
 from ..storage.files import atomic_path
@@ -202,6 +203,8 @@ def save_training_state(out_dir: Path, model: nn.Module, optimizer: torch.optim.
         extra={**extra, "elapsed_s": state.elapsed_s, "metrics": state.metrics},
         model_state=model_state, optimizer_state=optimizer_state,
     )
+    if lora_layers(model):  # the model folder holds plain weights, adapters merged; the checkpoint keeps them apart
+        model_state = merged_state_dict(model, model_state)
     if model_state is not None:
         save_state(unwrap_model(model).config, model_state, out_dir)
     else:

@@ -4,6 +4,9 @@ model, lock the folder and hand everything to the loop (`training.loop.train`).
 A run folder is also a model folder (config.json + model.safetensors), so `gptlab eval` and
 `gptlab generate` take it as `--model`. Everything is validated before the folder is touched, so a
 bad option never leaves a half-made run behind.
+
+The steps (`open_run_folder`, `start_run`, `check_model`, `check_data`, `fix_schedule`, `launch`) are
+shared with `gptlab finetune` (finetune/run.py), which differs only in how it builds the model and the data.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +42,7 @@ from ..hardware import resolve_device
 from ..model import GPTModel, unwrap_model
 from ..pretrained import load_pretrained
 from ..pretrained.native import CONFIG_NAME, WEIGHTS_NAME
-from ..pretrained.resolve import RANDOM_PREFIX, is_random_spec, resolve_config
+from ..pretrained.resolve import RANDOM_PREFIX, is_random_spec, load_model_arg, resolve_config
 from ..storage.download import sha256_file
 from ..storage.files import RunLock, remove_stale_temp_files, write_json
 from ..tokenizer import ENDOFTEXT, decode
@@ -50,53 +55,117 @@ from .settings import RunConfig, TrainConfig, TrainResult, split_settings
 
 TRAIN_CONFIG_NAME = "train_config.json"
 RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, TRAIN_CONFIG_NAME, METRICS_NAME, PLOT_NAME)
-# Settings that fix the data order and the model: a resumed run must keep them.
 # The main job's sample after each epoch: how the built-in corpus (Python's docs) often begins a sentence.
 BUILTIN_SAMPLE_PROMPT = "A function"
+# Settings that fix the data order and the model: a resumed run must keep them.
 FIXED_ON_RESUME = ("data", "val_fraction", "batch_size", "context_length", "stride", "init", "grad_accum", "seed")
+# Settings that name files or folders: stored absolute (`absolute_paths`).
+PATH_SETTINGS = ("data", "model", "init", "val_data", "adapter")
 
 
 def run_training(run_cfg: RunConfig, cfg: TrainConfig, out: str | os.PathLike | None = None, *,
                  resume: bool = False, force: bool = False, log=print) -> TrainResult:
     """Train as `gptlab train` does: check, load data, build the model, train into `out`, resume."""
-    out = Path(out) if out is not None else default_out_dir()
-    check_out_dir(out, resume, force)
+    out = open_run_folder(out, resume, force)
     if resume:
         check_data_unchanged(run_cfg.data_files or [])
     else:
         run_cfg = absolute_paths(run_cfg)
         run_cfg = dataclasses.replace(run_cfg, data_files=record_data(run_cfg.data))
+    start = start_run(out, cfg, run_cfg.strategy, resume, log)
+    model = build_model(run_cfg)
+    check_model(start, model.config)
+    split = prepare_data(run_cfg, cfg.seed, model.config, start.info.device)
+    check_data(start, split.fingerprint)
+    if cfg.sample_prompt is None:
+        cfg = dataclasses.replace(cfg, sample_prompt=BUILTIN_SAMPLE_PROMPT if not run_cfg.data else
+                                  validation_start(split))
+    cfg = fix_schedule(cfg, len(split.train_loader))
+    _log_plan(start.log, split, run_cfg, model, start.info, start.strategy, start.out)
+    return launch(start, model, cfg, split.train_loader, split.val_loader,
+                  settings={**run_cfg.to_dict(), **cfg.to_dict()}, run_files=RUN_FILES,
+                  compile_backend=run_cfg.compile_backend if run_cfg.compile else None,
+                  run_info={"data_fingerprint": split.fingerprint})
+
+
+# --- the steps every run on disk takes (`gptlab train`, `gptlab finetune`) --------------------------
+
+
+def open_run_folder(out: str | os.PathLike | None, resume: bool, force: bool) -> Path:
+    """The run folder (default runs/<date>-<time>), checked: nothing is written yet."""
+    out = Path(out) if out is not None else default_out_dir()
+    check_out_dir(out, resume, force)
+    return out
+
+
+@dataclass
+class RunStart:
+    """A run folder checked and this process joined to its job, before any model or data is read."""
+
+    out: Path
+    info: D.DistInfo
+    strategy: str
+    checkpoint: dict | None  # the run's checkpoint when resuming
+    log: Callable[..., None]  # print on rank 0, silent elsewhere
+
+
+def start_run(out: Path, cfg: TrainConfig, strategy: str | None, resume: bool, log=print) -> RunStart:
+    """Settle the strategy, join the torchrun job (if any), read the checkpoint, seed the RNGs."""
     # Settled before joining the job, so a wrong --strategy fails at once on every rank.
-    strategy = D.pick_strategy(run_cfg.strategy, log if os.environ.get("RANK", "0") == "0" else _quiet)
+    strategy = D.pick_strategy(strategy, log if os.environ.get("RANK", "0") == "0" else _quiet)
     info = D.setup(resolve_device(cfg.device))
     if not info.is_main:
         log = _quiet  # only rank 0 of a torchrun job talks
     make_precision(cfg.dtype, info.device)  # an unsupported --dtype fails now, not after loading data
     checkpoint = read_checkpoint(out / CHECKPOINT_NAME) if resume else None
     seed_everything(cfg.seed)
-    model = build_model(run_cfg)
-    if checkpoint is not None:
-        check_same_config(checkpoint, model.config, f"checkpoint in {out}")
-        D.check_world_size(checkpoint["extra"].get("world_size", 1))
-    split = prepare_data(run_cfg, cfg.seed, model.config, info.device)
-    if checkpoint is not None and checkpoint["extra"].get("data_fingerprint") not in (None, split.fingerprint):
-        raise UsageError(f"the training data changed since the run in {out} started; resume needs the same data")
-    if cfg.sample_prompt is None:
-        cfg = dataclasses.replace(cfg, sample_prompt=BUILTIN_SAMPLE_PROMPT if not run_cfg.data else
-                                  validation_start(split))
-    if cfg.decay_steps is None:  # fix the cosine length now, so a later --max-steps does not reshape it
-        steps_per_epoch = math.ceil(len(split.train_loader) / cfg.grad_accum)
-        cfg = dataclasses.replace(cfg, decay_steps=planned_steps(cfg, steps_per_epoch))
-    _log_plan(log, split, run_cfg, model, info, strategy, out)
-    model = D.prepare_model(model, strategy, info.device, run_cfg.compile_backend if run_cfg.compile else None)
+    return RunStart(out, info, strategy, checkpoint, log)
+
+
+def check_model(start: RunStart, config: GPTConfig) -> None:
+    """A resumed run must have the checkpoint's model and number of ranks."""
+    if start.checkpoint is not None:
+        check_same_config(start.checkpoint, config, f"checkpoint in {start.out}")
+        D.check_world_size(start.checkpoint["extra"].get("world_size", 1))
+
+
+def check_data(start: RunStart, fingerprint: str) -> None:
+    """A resumed run must read the data it started with."""
+    if start.checkpoint is not None and start.checkpoint["extra"].get("data_fingerprint") not in (None, fingerprint):
+        raise UsageError(f"the training data changed since the run in {start.out} started; resume needs the same data")
+
+
+def fix_schedule(cfg: TrainConfig, n_batches: int) -> TrainConfig:
+    """Fix the cosine length now (from the batches per epoch), so a later --max-steps does not reshape it."""
+    if cfg.decay_steps is not None:
+        return cfg
+    return dataclasses.replace(cfg, decay_steps=planned_steps(cfg, math.ceil(n_batches / cfg.grad_accum)))
+
+
+def launch(start: RunStart, model: torch.nn.Module, cfg: TrainConfig, train_loader, val_loader, *, settings: dict,
+           run_files: tuple[str, ...], compile_backend: str | None = None, run_info: dict | None = None,
+           write_files: Callable[[Path], None] | None = None,
+           after: Callable[[torch.nn.Module, TrainResult], None] | None = None, **hooks) -> TrainResult:
+    """Wrap/compile the model, lock the folder, write the run's files and train (then `after`, still locked).
+
+    `settings` go to train_config.json, `write_files(out)` writes any further file of the run, and
+    `hooks` (sample, extra_metrics) go to the loop.
+    """
+    info = start.info
+    model = D.prepare_model(model, start.strategy, info.device, compile_backend)
     D.barrier()  # every rank has checked --out before rank 0 writes into it
-    with RunLock(out) if info.is_main else contextlib.nullcontext():
+    with RunLock(start.out) if info.is_main else contextlib.nullcontext():
         if info.is_main:
-            _write_run_files(out, resume, model, run_cfg, cfg)
+            _write_run_files(start.out, start.checkpoint is not None, model, settings, run_files)
+            if write_files is not None:
+                write_files(start.out)
         with D.translate_errors(info.rank):
-            return train(model, split.train_loader, split.val_loader, cfg, device=info.device, out_dir=out,
-                         resume=resume, run_info={"data_fingerprint": split.fingerprint,
-                                                  "world_size": info.world_size})
+            result = train(model, train_loader, val_loader, cfg, device=info.device, out_dir=start.out,
+                           resume=start.checkpoint is not None,
+                           run_info={**(run_info or {}), "world_size": info.world_size}, **hooks)
+            if after is not None:
+                after(model, result)
+    return result
 
 
 def _log_plan(log, split: DataSplit, run_cfg: RunConfig, model: GPTModel, info: D.DistInfo, strategy: str,
@@ -109,13 +178,14 @@ def _log_plan(log, split: DataSplit, run_cfg: RunConfig, model: GPTModel, info: 
     log(f"model: {model.num_parameters():,} parameters, from {origin}; device {info.device}; output {out}")
 
 
-def _write_run_files(out: Path, resume: bool, model: torch.nn.Module, run_cfg: RunConfig, cfg: TrainConfig) -> None:
+def _write_run_files(out: Path, resume: bool, model: torch.nn.Module, settings: dict,
+                     run_files: tuple[str, ...]) -> None:
     """Under the lock: clear a replaced run, drop a killed writer's leftovers, write config and settings."""
     if not resume:
-        remove_run_files(out, RUN_FILES)
+        remove_run_files(out, run_files)
     remove_stale_temp_files(out)
     unwrap_model(model).config.save(out / CONFIG_NAME)
-    write_json(out / TRAIN_CONFIG_NAME, {**run_cfg.to_dict(), **cfg.to_dict()})
+    write_json(out / TRAIN_CONFIG_NAME, settings)
 
 
 def validation_start(split: DataSplit, words: int = 4) -> str:
@@ -162,43 +232,57 @@ def check_out_dir(out: Path, resume: bool, force: bool) -> None:
             )
 
 
-def load_saved_settings(out: Path) -> tuple[RunConfig, TrainConfig]:
+def load_saved_settings(out: Path, run_cls: type = RunConfig) -> tuple[Any, TrainConfig]:
+    """The settings in the run's train_config.json: (run_cls, TrainConfig)."""
     path = out / TRAIN_CONFIG_NAME
     try:
-        return split_settings(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path} is missing, so the run cannot be resumed; start a new run") from None
-    except (json.JSONDecodeError, TypeError, UsageError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GptlabError(f"{path} is damaged ({exc}); start a new run with --force") from None
+    if isinstance(data, dict):  # "task" is a setting of fine-tuning runs only (finetune/settings.py)
+        made_by, wanted = ("finetune" if "task" in names else "train" for names in (data, run_cls.field_names()))
+        if made_by != wanted:
+            raise UsageError(f"{out} is a run of gptlab {made_by}; continue it with gptlab {made_by} --out {out} "
+                             "--resume")
+    try:
+        return split_settings(data, run_cls)
+    except (TypeError, UsageError) as exc:
         raise GptlabError(f"{path} is damaged ({exc}); start a new run with --force") from None
 
 
-def resume_settings(out: Path, explicit: dict) -> tuple[RunConfig, TrainConfig]:
-    """The run's saved settings with the options given now laid over them (paths compared as absolute)."""
-    given_paths = {k: explicit[k] for k in ("data", "model", "init") if k in explicit}
-    absolute = absolute_paths(RunConfig(**given_paths))
-    explicit = {**explicit, **{k: getattr(absolute, k) for k in given_paths}}
-    saved_run, saved_train = load_saved_settings(out)
+def resume_settings(out: Path, explicit: dict, run_cls: type = RunConfig,
+                    fixed: tuple[str, ...] = FIXED_ON_RESUME) -> tuple[Any, TrainConfig]:
+    """The run's saved settings with the options given now laid over them (paths compared as absolute;
+    `fixed` ones may not change)."""
+    given_paths = {k: explicit[k] for k in PATH_SETTINGS if k in explicit}
+    explicit = {**explicit, **{k: _absolute_if_path(v) for k, v in given_paths.items()}}
+    saved_run, saved_train = load_saved_settings(out, run_cls)
     saved = {**saved_run.to_dict(), **saved_train.to_dict()}
-    for name in FIXED_ON_RESUME:
+    for name in fixed:
         if name in explicit and explicit[name] != saved[name]:
             flag = "--" + name.replace("_", "-")
             raise UsageError(
                 f"{flag} cannot change when resuming (the run used {saved[name]!r}); "
                 "leave it out, or start a new run in another --out"
             )
-    return split_settings({**saved, **explicit})
+    return split_settings({**saved, **explicit}, run_cls)
 
 
-def absolute_paths(run_cfg: RunConfig) -> RunConfig:
-    """Data, --model and --init paths made absolute, so that a run resumes from any working folder."""
-    data = [d if is_corpus_name(d) else str(Path(d).resolve()) for d in run_cfg.data] if run_cfg.data else None
-    return dataclasses.replace(run_cfg, data=data, model=_absolute_if_path(run_cfg.model),
-                               init=_absolute_if_path(run_cfg.init))
+def absolute_paths(run_cfg: Any) -> Any:
+    """Data, --model and --init paths (and any other in PATH_SETTINGS the settings have) made absolute, so
+    that a run resumes from any working folder. Corpus and model names stay names."""
+    changes = {name: _absolute_if_path(getattr(run_cfg, name)) for name in PATH_SETTINGS if hasattr(run_cfg, name)}
+    return dataclasses.replace(run_cfg, **changes)
 
 
-def _absolute_if_path(spec: str | None) -> str | None:
-    if spec is None:
-        return None
+def _absolute_if_path(spec: Any) -> Any:
+    """A path that exists, made absolute (random:PATH too); a list of them, each; anything else as it is."""
+    if isinstance(spec, list):
+        return [_absolute_if_path(s) for s in spec]
+    if spec is None or is_corpus_name(spec):
+        return spec
     prefix = RANDOM_PREFIX if spec.startswith(RANDOM_PREFIX) else ""
     path = Path(spec[len(prefix):])
     return f"{prefix}{path.resolve()}" if path.exists() else spec
@@ -241,19 +325,25 @@ def build_model(run_cfg: RunConfig) -> GPTModel:
     the weights --init (or --model) names, as every verb reads --model (pretrained/resolve.py)."""
     spec = run_cfg.init or run_cfg.model
     if run_cfg.init or not is_random_spec(spec):
-        base = load_pretrained(spec).train()
-        config = base.config.replace(drop_rate=run_cfg.drop_rate)
-        if config == base.config:
-            return base
-        model = GPTModel(config)
-        model.load_state_dict(base.state_dict())
-        return model
+        return load_init(spec, run_cfg.drop_rate)
     config = resolve_config(spec)
     context = run_cfg.context_length or config.context_length
     check_context(context, config.context_length)
     # A fresh model gets exactly the training context: positions it never trains on would be noise.
     return GPTModel(config.replace(context_length=context, drop_rate=run_cfg.drop_rate,
                                    vocab_multiple=run_cfg.vocab_multiple))
+
+
+def load_init(spec: str, drop_rate: float | None = None, allow_random: bool = False) -> GPTModel:
+    """The weights `spec` names (a GPT-2 name, a model or run folder, a weights file) in training mode, with
+    `drop_rate` if given. allow_random: a preset or config.json gives random weights, with a warning."""
+    base = (load_model_arg(spec, purpose="finetune") if allow_random else load_pretrained(spec)).train()
+    config = base.config.replace(drop_rate=drop_rate)
+    if config == base.config:
+        return base
+    model = GPTModel(config)
+    model.load_state_dict(base.state_dict())
+    return model
 
 
 def check_context(context: int, maximum: int) -> None:

@@ -189,11 +189,15 @@ class RunConfig(_Settings):
         ], "run settings")
 
 
-def split_settings(data: dict[str, Any]) -> tuple[RunConfig, TrainConfig]:
-    """A flat dict of both kinds of settings (train_config.json, the command line) -> the two objects."""
-    run_names, train_names = set(RunConfig.field_names()), set(TrainConfig.field_names())
-    RunConfig.from_dict({k: v for k, v in data.items() if k not in train_names})  # unknown names fail here
-    run = RunConfig(**{k: v for k, v in data.items() if k in run_names})
+def split_settings(data: dict[str, Any], run_cls: type = RunConfig) -> tuple[Any, TrainConfig]:
+    """A flat dict of both kinds of settings (train_config.json, the command line) -> the two objects.
+
+    `run_cls` is the run's own settings class: RunConfig for `gptlab train`, FinetuneConfig for
+    `gptlab finetune`.
+    """
+    run_names, train_names = set(run_cls.field_names()), set(TrainConfig.field_names())
+    run_cls.from_dict({k: v for k, v in data.items() if k not in train_names})  # unknown names fail here
+    run = run_cls(**{k: v for k, v in data.items() if k in run_names})
     return run, TrainConfig(**{k: v for k, v in data.items() if k in train_names})
 
 
