@@ -1,7 +1,8 @@
 """`gptlab generate`: continue a prompt with a model, streaming the text as it is produced.
 
-An empty `--prompt` starts from `<|endoftext|>` (GPT-2's document separator, the usual "no
-prompt"). A prompt longer than the context keeps its last `context_size` tokens, with a warning.
+The model's own tokenizer encodes the prompt and decodes the output (GPT-2's unless the model folder
+holds another). An empty `--prompt` starts from `<|endoftext|>` (the document separator, the usual
+"no prompt"). A prompt longer than the context keeps its last `context_size` tokens, with a warning.
 `--num-samples N` samples N continuations as one batch; the text of a single sample streams to the
 terminal, several are printed one after another when all are done. `--json` prints one object
 `{"prompt_ids": [...], "completions": [{"text": ..., "token_ids": [new ids]}]}` on stdout; the
@@ -38,10 +39,10 @@ def top_p_value(text: str) -> float:
 def register(sub) -> None:
     p = sub.add_parser(
         "generate", help="continue a prompt (greedy or sampled), streaming the text",
-        description="Continue a prompt, streaming the text as it is produced. The text streams as whole "
-        "characters: GPT-2's byte-level tokens can hold part of a character (many Chinese characters and "
-        "emoji take two or three tokens), so such a token prints nothing until the next one completes the "
-        "character. '\ufffd' appears only where the output ends (or the model writes bytes) in the middle "
+        description="Continue a prompt with the model's own tokenizer, streaming the text as it is produced. The "
+        "text streams as whole characters: byte-level tokens can hold part of a character (with GPT-2's tokenizer "
+        "many Chinese characters and emoji take two or three tokens), so such a token prints nothing until the "
+        "next one completes the character. '\ufffd' appears only where the output ends (or the model writes bytes) in the middle "
         "of a character.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", required=True, help="text to continue ('' starts from <|endoftext|>)")
@@ -72,11 +73,12 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def prompt_ids_for(text: str, window: int) -> tuple[list[int], str | None]:
+def prompt_ids_for(text: str, window: int, tokenizer=None) -> tuple[list[int], str | None]:
     """Token ids of the prompt (empty -> <|endoftext|>), cropped to `window`, and a warning if cropped."""
-    from ..tokenizer import EOT_ID, encode
+    from ..tokenizer import as_tokenizer
 
-    ids = encode(text) if text else [EOT_ID]
+    tok = as_tokenizer(tokenizer)
+    ids = tok.encode(text) if text else [tok.eot_id]
     if len(ids) <= window:
         return ids, None
     return ids[-window:], f"prompt has {len(ids)} tokens, more than the context of {window}; using its last {window}"
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generation.generate import stream_generate
     from ..hardware import warn_if_slow_bfloat16
     from ..pretrained.resolve import load_model_arg
-    from ..tokenizer import EOT_ID, decode
+    from ..tokenizer import tokenizer_of
 
     device = pick_device(args, quiet=not args.verbose)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -106,21 +108,23 @@ def run(args: argparse.Namespace) -> int:
     model = prepare_for_decoding(load_model_arg(args.model, device, dtype=dtype), kernel=kernel,
                                  compile=args.compile, max_batch=max(8, args.num_samples))
     config = model.config
+    tokenizer = tokenizer_of(model)
     window = args.context_size or config.context_length
     if window > config.context_length:
         raise UsageError(f"--context-size {window} is larger than the model's context_length {config.context_length}")
-    ids, warning = prompt_ids_for(args.prompt, window)
+    ids, warning = prompt_ids_for(args.prompt, window, tokenizer)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    eos_id = None if args.no_eos_stop or EOT_ID >= config.vocab_size else EOT_ID
+    eot = tokenizer.eot_id
+    eos_id = None if args.no_eos_stop or eot >= config.vocab_size else eot
     prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long)
     chunks = stream_generate(
         model, prompt, args.max_new_tokens, context_size=window, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_id=eos_id, seed=args.seed, use_cache=not args.no_cache,
+        top_p=args.top_p, eos_id=eos_id, seed=args.seed, use_cache=not args.no_cache, tokenizer=tokenizer,
     )
     live = not args.json and args.num_samples == 1
     if live:
-        sys.stdout.write(decode(ids) if args.prompt else "")
+        sys.stdout.write(tokenizer.decode(ids) if args.prompt else "")
         sys.stdout.flush()
     new_ids: list[list[int]] = [[] for _ in range(args.num_samples)]
     texts = [""] * args.num_samples
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, text in enumerate(texts):
             print(f"=== sample {i + 1} ===")
-            print((decode(ids) if args.prompt else "") + text)
+            print((tokenizer.decode(ids) if args.prompt else "") + text)
     if args.verbose:
         n = sum(len(x) for x in new_ids)
         rate = n / seconds if seconds > 0 else float("inf")
