@@ -305,10 +305,12 @@ def run_tokenizer(run_cfg: RunConfig, out: Path, resume: bool) -> tuple[Tokenize
     weights = run_cfg.init or (None if is_random_spec(run_cfg.model) else run_cfg.model)
     folder = prepared_folder(run_cfg.data)
     if spec is None and weights is not None:
-        return model_tokenizer(weights), dataclasses.replace(run_cfg, tokenizer=weights)
-    if spec is None and folder is not None and has_tokenizer(folder):
-        spec = str(folder)
-    tok = get_tokenizer(spec)
+        tok = model_tokenizer(weights)
+        spec = weights
+    else:
+        if spec is None and folder is not None and has_tokenizer(folder):
+            spec = str(folder)
+        tok = get_tokenizer(spec)
     return tok, dataclasses.replace(run_cfg, tokenizer=GPT2_NAME if tok.name == GPT2_NAME else spec)
 
 
