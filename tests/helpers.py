@@ -105,3 +105,51 @@ def write_labelled_csv(path: Path, n: int = 200, seed: int = 0, delimiter: str =
         writer.writerow(["text", "label"])
         writer.writerows(labelled_rows(n, seed))
     return path
+
+
+# A mixed corpus for tokenizer tests: English, Chinese, emoji, whitespace runs (written by the test authors).
+MIXED_TEXT = (
+    "The quick brown fox jumps over the lazy dog. It's here; don't go.\n\n"
+    "    def f(x):\n        return x  \n\r\n"
+    "我们今天去图书馆看书。窗外下着小雨，屋里很安静。\n"
+    "Ça va? naïve café 👍🏽 😀 1234 ١٢٣\t\ttabs   spaces\n"
+)
+
+
+def write_mixed_corpus(folder: Path, n_files: int = 3, n_words: int = 3000) -> Path:
+    """`n_files` seeded random-word files made of MIXED_TEXT's words, in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = MIXED_TEXT.split(" ")
+    for i in range(n_files):
+        (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(n_words)), encoding="utf-8")
+    return folder
+
+
+def synthetic_tokenizer(folder: Path, n_vocab: int = 70_000) -> Path:
+    """A byte-level BPE folder of `n_vocab` tokens, built without training (a big vocabulary in a second):
+    <|endoftext|>, the 256 bytes, then pairs of bytes, those of lower-case letters and the space last, then
+    triples of those: plain English words get ids above 65,535."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from gptlab.tokenizer import BPETokenizer, write_tokenizer
+    from gptlab.tokenizer.hf_files import portable_tokenizer_json
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    common = list("\u0120etaoinshrdlucmfwypvbgkjqxz")  # the byte-level space, then letters by frequency
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
+    merges = []
+    candidates = [(a, b) for a in alphabet for b in alphabet if not (a in common and b in common)]
+    candidates += [(a, b) for a in common for b in common] + [(a + b, c) for a in common for b in common for c in common]
+    for left, right in candidates:
+        if len(vocab) >= n_vocab:
+            break
+        vocab[left + right] = len(vocab)
+        merges.append((left, right))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(BPETokenizer(portable_tokenizer_json(backend)), folder)
+    return folder

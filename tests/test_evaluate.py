@@ -120,3 +120,50 @@ def test_long_text_uses_as_much_context_as_the_stride_allows():
     assert result.loss == pytest.approx(sum(nll) / 29, abs=1e-5)
     with pytest.raises(UsageError, match="above the model's maximum of 8"):
         score_tokens(model, ids, context_length=9)
+
+
+def test_bits_per_byte_is_the_hand_computation():
+    """Summed cross-entropy in bits / UTF-8 bytes of the scored tokens; <|endoftext|> counts 0 bytes."""
+    from gptlab.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    text = "Der Bär schläft.<|endoftext|>天气很好 😀 and the end"
+    ids = torch.tensor(tok.encode(text))
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(context_length=64)).eval()
+    result = score_tokens(model, ids)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[None, :-1]).double(), dim=-1)[0]
+    nats = -logp[torch.arange(len(ids) - 1), ids[1:]].sum().item()
+    scored_bytes = sum(len(tok.decode_single_token_bytes(i)) for i in ids[1:].tolist() if i != tok.eot_id)
+    assert scored_bytes == len(text.encode()) - len(tok.decode_single_token_bytes(int(ids[0]))) - len("<|endoftext|>")
+    assert result.bytes == scored_bytes and result.tokens == len(ids) - 1
+    assert result.bits_per_byte == pytest.approx(nats / math.log(2) / scored_bytes, rel=1e-6)
+    # with sliding windows every token is still scored once: the same bytes
+    assert score_tokens(model, ids, context_length=8, stride=3).bytes == scored_bytes
+
+
+def test_training_records_validation_bits_per_byte(tmp_path):
+    """val_bpb = val_loss / ln 2 / (bytes per token of the whole validation set)."""
+    import json
+
+    from gptlab import train
+    from gptlab.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    ids = torch.tensor(tok.encode("Tea or coffee? Tee oder Kaffee? 茶还是咖啡？ " * 40))
+    train_loader = create_dataloader(ids[:300], batch_size=2, max_length=16, stride=16, seed=0)
+    val_loader = create_dataloader(ids[300:], batch_size=2, max_length=16, stride=16, shuffle=False)
+    torch.manual_seed(0)
+    result = train(GPTModel(tiny_config()), train_loader, val_loader, max_steps=2, eval_every=1, quiet=True, warmup_steps=0,
+                   out_dir=tmp_path)
+    per_token = sum(len(tok.decode_single_token_bytes(i)) for i in ids[300:].tolist()) / len(ids[300:])
+    for record in result.metrics:
+        assert record["val_bpb"] == pytest.approx(record["val_loss"] / math.log(2) / per_token, rel=1e-9)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["val_bpb"] for line in lines] == [m["val_bpb"] for m in result.metrics]
+    # a model whose vocabulary is not its tokenizer's gets no bits per byte (its ids' bytes are unknown)
+    small = train(GPTModel(tiny_config(vocab_size=64)), create_dataloader(ids[:300] % 64, batch_size=2, max_length=16,
+                  stride=16, seed=0), create_dataloader(ids[300:] % 64, batch_size=2, max_length=16, stride=16),
+                  max_steps=1, quiet=True, warmup_steps=0)
+    assert "val_bpb" not in small.metrics[0]

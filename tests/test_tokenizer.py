@@ -8,7 +8,7 @@ from gptlab.tokenizer import gpt2 as tokmod
 def test_reference_ids():
     text = "Hello, do you like tea? <|endoftext|> In the sunlit terraces"
     assert encode(text) == [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114]
-    assert tokmod.get_tokenizer().n_vocab == 50257
+    assert tokmod.gpt2_encoding().n_vocab == 50257
 
 
 @pytest.mark.parametrize(
@@ -27,12 +27,12 @@ def test_corrupted_vocab_file_is_detected(tmp_path, monkeypatch):
     bad = tmp_path / "encoder.json"
     bad.write_bytes(enc.read_bytes()[:-10] + b"}")
     monkeypatch.setattr(tokmod, "_data_files", lambda: (bad, bpe))
-    tokmod.get_tokenizer.cache_clear()
+    tokmod.gpt2_encoding.cache_clear()
     try:
         with pytest.raises(tokmod.GptlabError, match="sha256"):
-            tokmod.get_tokenizer()
+            tokmod.gpt2_encoding()
     finally:
-        tokmod.get_tokenizer.cache_clear()
+        tokmod.gpt2_encoding.cache_clear()
 
 
 def test_no_network_access(monkeypatch):
@@ -42,5 +42,5 @@ def test_no_network_access(monkeypatch):
         raise AssertionError("tokenizer tried to use the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    tokmod.get_tokenizer.cache_clear()
-    assert encode("offline") == tokmod.get_tokenizer().encode("offline")
+    tokmod.gpt2_encoding.cache_clear()
+    assert encode("offline") == tokmod.gpt2_encoding().encode("offline")

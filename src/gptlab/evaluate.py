@@ -1,4 +1,11 @@
-"""Loss and perplexity: per batch, over a loader, and over a long text with sliding windows."""
+"""Loss, perplexity and bits per byte: per batch, over a loader, and over a long text with sliding windows.
+
+Bits per byte compares models whose tokenizers differ: the summed cross-entropy, in bits, divided by
+the UTF-8 bytes of the text the scored tokens stand for. Loss and perplexity are per token, so a
+tokenizer that cuts the same text into fewer tokens has a higher loss for the same model quality;
+bits per byte does not depend on the tokenizer. Special tokens (`<|endoftext|>`) count 0 bytes: they
+mark document boundaries and are not text, but predicting them is part of the loss.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from torch import Tensor
 
 from .errors import UsageError
 from .model import GPTModel
+from .tokenizer import as_tokenizer, count_bytes, tokenizer_of
 
 
 def calc_loss_batch(input_batch: Tensor, target_batch: Tensor, model: torch.nn.Module, device) -> Tensor:
@@ -64,12 +72,38 @@ def perplexity(loss: float | Tensor) -> float:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Mean loss (nats per token), perplexity, bits per byte, scored tokens and the bytes they stand for."""
+
     loss: float
     perplexity: float
     tokens: int
+    bytes: int = 0
+    bits_per_byte: float = float("nan")
 
     def to_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens}
+        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "tokens": self.tokens, "bytes": self.bytes}
+
+
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    """Summed cross-entropy in bits over `n_bytes` bytes: loss (mean nats per token) * tokens / (bytes * ln 2)."""
+    return loss * tokens / (n_bytes * math.log(2)) if n_bytes > 0 else float("nan")
+
+
+def bytes_per_token(loader: Iterable, tokenizer) -> float | None:
+    """UTF-8 bytes per token of the whole token stream behind a loader (a GPTDataset's `token_ids` or a
+    token file's `tokens`), or None when the loader does not expose it or the tokenizer does not fit."""
+    dataset = getattr(loader, "dataset", None)
+    ids = getattr(dataset, "token_ids", None)
+    if ids is None:
+        ids = getattr(dataset, "tokens", None)
+    if ids is None or len(ids) == 0:
+        return None
+    try:
+        n_bytes = count_bytes(ids, as_tokenizer(tokenizer))
+    except ValueError:
+        return None
+    return n_bytes / len(ids) if n_bytes else None
 
 
 def sliding_windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int]]:
@@ -103,12 +137,15 @@ def score_tokens(
     context_length: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
+    tokenizer=None,
 ) -> EvalResult:
-    """Loss and perplexity of a token stream, every token after the first scored exactly once.
+    """Loss, perplexity and bits per byte of a token stream, every token after the first scored exactly once.
 
     A stream that fits in one window gives the mean cross-entropy over all its positions (the same
     number as Hugging Face's `labels=input_ids` loss); a longer one uses `sliding_windows`. The
     default stride is half the context: each token then sees at least half a window of context.
+    Bytes are those of the scored tokens under `tokenizer` (default: the model's, see
+    gptlab.tokenizer.tokenizer_of).
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -138,4 +175,9 @@ def score_tokens(
             scored += n_new
     model.train(was_training)
     loss = total_nll / scored
-    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=scored)
+    try:
+        n_bytes = count_bytes(ids[1:], as_tokenizer(tokenizer) if tokenizer is not None else tokenizer_of(model))
+    except ValueError:  # ids the tokenizer does not have (a model with a larger vocabulary): no bytes known
+        n_bytes = 0
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=scored, bytes=n_bytes,
+                      bits_per_byte=bits_per_byte(loss, scored, n_bytes))

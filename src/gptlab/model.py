@@ -146,6 +146,9 @@ class GPTModel(nn.Module):
         # and single-token steps compiled over static caches (generation/compiled.py), used by generate.
         self.cpu_decoder = None
         self.compiled_decoder = None
+        # The tokenizer the model reads and writes (gptlab.tokenizer): None means GPT-2's. load_pretrained
+        # and gptlab train set it; save_model stores it beside the weights.
+        self.tokenizer = None
         if not self.tok_emb.weight.is_meta:  # a meta model (shapes only, weights loaded later) skips it
             self.reset_parameters()
 

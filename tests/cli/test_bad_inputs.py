@@ -5,15 +5,19 @@ time, and all failures are reported together."""
 import json
 import os
 import pickle
+import shutil
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from gptlab.data.prepare import prepare_dataset
 from gptlab.model import GPTModel
 from gptlab.pretrained.native import save_model
-from tests.helpers import run_cli, tiny_config
+from gptlab.tokenizer import write_tokenizer
+from gptlab.tokenizer.train import train_tokenizer
+from tests.helpers import TINY_TRAIN_MODEL, run_cli, synthetic_tokenizer, tiny_config
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -61,6 +65,7 @@ def files(tmp_path_factory):
     (d / "typo.json").write_text(json.dumps({**{k: v for k, v in tiny_config().to_dict().items() if k != "n_heads"},
                                              "n_head": 4}), encoding="utf-8")
     fine_tuning_files(d, model)
+    _tokenizer_files(d)
     return d
 
 
@@ -124,6 +129,25 @@ def fine_tuning_cases(d, m):
         (("train", "--out", str(d / "ftrun"), "--resume"), 2, "gptlab finetune --out"),
         (("finetune", "--out", str(d / "trainrun"), "--resume"), 2, "gptlab train --out"),
     ]
+
+
+def _tokenizer_files(d):
+    """Tokenizer folders (good, damaged, 70k), models and runs that disagree with theirs, GPT-2 token files."""
+    (d / "blank.txt").write_text(" \n\t\n  ", encoding="utf-8")
+    (d / "tiny.json").write_text(json.dumps(TINY_TRAIN_MODEL), encoding="utf-8")
+    tok = train_tokenizer([d / "text.txt"], 300, d / "tok", progress=False)
+    shutil.copytree(d / "tok", d / "badtok")
+    (d / "badtok" / "tokenizer.json").write_text((d / "tok" / "tokenizer.json").read_text().replace('"merges"', '"merges" '))
+    synthetic_tokenizer(d / "syn70k")
+    prepare_dataset([d / "text.txt"], d / "gpt2prep", progress=False)
+    model = GPTModel(tiny_config(vocab_size=tok.n_vocab))
+    model.tokenizer = tok
+    save_model(model, d / "tokmodel")
+    save_model(GPTModel(tiny_config(vocab_size=tok.n_vocab + 5)), d / "tokmismatch")
+    write_tokenizer(tok, d / "tokmismatch")
+    shutil.copytree(d / "tokmodel", d / "tokrun")
+    (d / "tokrun" / "checkpoint.pt").write_bytes(b"")
+    (d / "tokrun" / "train_config.json").write_text("{}", encoding="utf-8")
 
 
 def cases(d):
@@ -210,6 +234,38 @@ def cases(d):
         (("convert", "--to", "hf", m, str(d / "text.txt" / "hf")), 1, "text.txt"),
         (("sampling-plot", "--model", m, "--prompt", "hi", "--out", "/proc/gptlab-plot.png"), 1, "gptlab-plot"),
         *fine_tuning_cases(d, m),
+        *tokenizer_cases(d, t),
+    ]
+
+
+def tokenizer_cases(d, t):
+    """Own tokenizers: bad training settings and corpora, missing or damaged folders, tokenizers that disagree."""
+    train_tok = ("tokenizer", "train", "--data")
+    tiny = ("--model", str(d / "tiny.json"))
+    return [
+        ((*train_tok, t, "--vocab-size", "256", "--out", str(d / "tk1")), 2, "at least 257"),
+        ((*train_tok, t, "--vocab-size", "258", "--special-tokens", "<a>", "<b>", "--out", str(d / "tk2")), 2,
+         "at least 259"),
+        ((*train_tok, str(d / "empty.txt"), "--vocab-size", "300", "--out", str(d / "tk3")), 2, "empty.txt"),
+        ((*train_tok, str(d / "blank.txt"), "--vocab-size", "300", "--out", str(d / "tk4")), 2, "corpus is empty"),
+        ((*train_tok, str(d / "latin1.txt"), "--vocab-size", "300", "--out", str(d / "tk5")), 2,
+         "latin1.txt is not UTF-8 text (byte 3"),
+        ((*train_tok, str(d / "missing.txt"), "--vocab-size", "300", "--out", str(d / "tk6")), 2, "missing.txt"),
+        ((*train_tok, t, "--vocab-size", "300", "--max-bytes", "lots", "--out", str(d / "tk7")), 2, "--max-bytes"),
+        ((*train_tok, t, "--vocab-size", "300", "--out", str(d / "tok")), 2, "--force"),
+        (("tokenizer", "info", str(d / "nope")), 2, "does not exist"),
+        (("tokenizer", "info", str(d / "badtok")), 2, "changed or damaged"),
+        (("tokenizer", "encode", str(d / "notes"), "--text", "hi"), 2, "tokenizer.json is missing"),
+        (("prepare", "--data", t, "--out", str(d / "p6"), "--tokenizer", str(d / "badtok")), 2, "changed or damaged"),
+        (("train", "--data", t, "--tokenizer", str(d / "nope"), "--out", str(d / "r8")), 2, "does not exist"),
+        (("generate", "--model", str(d / "tokmismatch"), "--prompt", "hi"), 2, "vocab_size"),
+        (("eval", "--model", str(d / "tokmismatch"), "--text", "hi"), 2, "vocab_size"),
+        (("train", "--out", str(d / "tokrun"), "--resume", "--tokenizer", "gpt2"), 2, "cannot change when resuming"),
+        (("train", "--data", str(d / "gpt2prep"), "--tokenizer", str(d / "syn70k"), *tiny, "--out", str(d / "r9")), 2,
+         "needs uint32"),
+        (("train", "--data", str(d / "gpt2prep"), "--tokenizer", str(d / "tok"), *tiny, "--out", str(d / "r10")), 2,
+         "prepared with tokenizer gpt2"),
+        (("eval", "--model", str(d / "tokmodel"), "--data", str(d / "gpt2prep")), 2, "prepared with tokenizer gpt2"),
     ]
 
 
@@ -243,7 +299,8 @@ def test_bad_input_matrix(files):
     assert not (files / "PWNED_MARKER").exists(), "a pickle ran code"
     assert not leftovers, f"half-written files left: {leftovers}"
     for made in ("r1", "r2", "r3", "r4", "r5", "r6", "r7", "p0", "p2", "p3", "p4", "p5", "c", "c1", "plot.png",
-                 *(f"f{i}" for i in range(1, 17))):
+                 *(f"f{i}" for i in range(1, 17)), "r8", "r9", "r10", "p6", "tk1", "tk2", "tk3", "tk4", "tk5", "tk6",
+                 "tk7"):
         path = files / made
         assert not path.exists() or (path.is_dir() and not any(path.iterdir())), f"{made} was created"
     assert not failures, f"{len(failures)} of {len(table)} bad inputs answered badly:\n" + "\n".join(failures)

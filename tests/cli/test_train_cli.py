@@ -49,7 +49,7 @@ def test_train_writes_a_complete_run(run_dir):
                                      "model.safetensors", "train_config.json"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 5, 10, 12]  # the start, multiples of --eval-every, the end
-    assert set(metrics[0]) == {"step", "epoch", "tokens_seen", "train_loss", "val_loss", "lr", "elapsed_s"}
+    assert set(metrics[0]) == {"step", "epoch", "tokens_seen", "train_loss", "val_loss", "val_bpb", "lr", "elapsed_s"}
     assert metrics[-1]["tokens_seen"] == 12 * 4 * 16
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -65,7 +65,9 @@ def test_eval_json_and_text(run_dir, setup):
     proc = cli("eval", "--model", str(out), "--text", "the model reads every word", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert list(result) == ["loss", "perplexity", "tokens"] and result["tokens"] == 4  # 5 tokens, the first has no context
+    assert list(result) == ["loss", "perplexity", "bits_per_byte", "tokens", "bytes"]
+    assert result["tokens"] == 4  # 5 tokens, the first has no context
+    assert result["bytes"] == len(" model reads every word")  # the bytes of the 4 scored tokens
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
     proc = cli("eval", "--model", str(out), "--data", str(setup / "text.txt"), "--stride", "12")
     assert proc.returncode == 0, proc.stderr

@@ -10,10 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from gptlab.data.prepare import find_cut, prepare_dataset
 from gptlab.tokenizer import EOT_ID, get_tokenizer
-from tests.helpers import SRC, assert_clean_error, run_cli
+from tests.helpers import SRC, assert_clean_error, run_cli, synthetic_tokenizer
 
 # Whitespace and script mixes that would change tokens if a piece were cut at the wrong place.
 TRICKY = [
@@ -169,3 +170,31 @@ def test_progress_bar_counts_bytes(tmp_path, capsys):
     prepare_dataset([text], tmp_path / "out", progress=True, chunk_bytes=4096)
     err = capsys.readouterr().err
     assert "prepare: 100%" in err and "46.9k/46.9k" in err and "B/s" in err  # 48,000 bytes in KiB
+
+
+def test_a_vocabulary_above_65535_is_stored_as_uint32_and_read_back(tmp_path):
+    from gptlab.data.tokenfile import load_prepared, read_split
+    from gptlab.errors import UsageError
+
+    tok_dir = synthetic_tokenizer(tmp_path / "tok")  # 70,000 tokens; plain words get ids above 65,535
+    tok = get_tokenizer(tok_dir)
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    files[0].write_text("hello world, the quick brown fox jumps over the lazy dog\n" * 300)
+    files[1].write_text("天地玄黄，宇宙洪荒。\n" * 50 + "the end")
+    meta = prepare_dataset(files, tmp_path / "out", tokenizer=tok_dir, chunk_bytes=700, workers=2)
+    ref = [i for f in files for i in tok.encode_ordinary(f.read_text()) + [tok.eot_id]]
+    assert max(ref) > 65535
+    assert (meta["dtype"], meta["tokenizer"], meta["tokenizer_sha256"]) == ("uint32", tok.name, tok.sha256)
+    assert meta["vocab_size"] == 70_000 and meta["eot_token"] == 0
+    stored = np.concatenate([np.fromfile(tmp_path / "out" / n, dtype="<u4") for n in ("train.bin", "val.bin")])
+    assert stored.tolist() == ref
+    assert get_tokenizer(tmp_path / "out").name == tok.name  # the tokenizer is stored with the data
+    train, val = load_prepared(tmp_path / "out", context_length=8, tokenizer=tok)
+    x, y = train[len(train) - 1]
+    assert x.dtype == torch.long and x.tolist() == ref[(len(train) - 1) * 8:(len(train) - 1) * 8 + 8]
+    assert read_split(tmp_path / "out", "val", tok).tolist() == ref[-meta["val_tokens"]:]
+    with pytest.raises(UsageError, match=f"prepared with tokenizer {tok.name}, but the model uses gpt2"):
+        load_prepared(tmp_path / "out", context_length=8)
+    prepare_dataset(files, tmp_path / "gpt2", workers=1)  # GPT-2's ids: uint16
+    with pytest.raises(UsageError, match="holds uint16 token ids .* needs uint32"):
+        load_prepared(tmp_path / "gpt2", context_length=8, tokenizer=tok)

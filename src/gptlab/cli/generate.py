@@ -4,8 +4,9 @@
 the prompt is formatted with the run's stored template (prompt_template.json) and only the
 response is printed, up to `<|endoftext|>`; it is greedy unless --temperature is given.
 
-An empty `--prompt` starts from `<|endoftext|>` (GPT-2's document separator, the usual "no
-prompt"). A prompt longer than the context keeps its last `context_size` tokens, with a warning.
+The model's own tokenizer encodes the prompt and decodes the output (GPT-2's unless the model folder
+holds another). An empty `--prompt` starts from `<|endoftext|>` (the document separator, the usual
+"no prompt"). A prompt longer than the context keeps its last `context_size` tokens, with a warning.
 `--num-samples N` samples N continuations as one batch; the text of a single sample streams to the
 terminal, several are printed one after another when all are done. `--json` prints one object
 `{"prompt_ids": [...], "completions": [{"text": ..., "token_ids": [new ids]}]}` on stdout; the
@@ -42,11 +43,12 @@ def top_p_value(text: str) -> float:
 def register(sub) -> None:
     p = sub.add_parser(
         "generate", help="continue a prompt (greedy or sampled), streaming the text",
-        description="Continue a prompt, streaming the text as it is produced. The text streams as whole "
-        "characters: GPT-2's byte-level tokens can hold part of a character (many Chinese characters and "
-        "emoji take two or three tokens), so such a token prints nothing until the next one completes the "
-        "character. '\ufffd' appears only where the output ends (or the model writes bytes) in the middle "
-        "of a character. --instruction asks a fine-tuned model (gptlab finetune) and prints only its answer.")
+        description="Continue a prompt with the model's own tokenizer, streaming the text as it is produced. The "
+        "text streams as whole characters: byte-level tokens can hold part of a character (with GPT-2's tokenizer "
+        "many Chinese characters and emoji take two or three tokens), so such a token prints nothing until the "
+        "next one completes the character. '\ufffd' appears only where the output ends (or the model writes bytes) "
+        "in the middle of a character. --instruction asks a fine-tuned model (gptlab finetune) and prints only its "
+        "answer.")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="text to continue ('' starts from <|endoftext|>)")
@@ -81,11 +83,12 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def prompt_ids_for(text: str, window: int) -> tuple[list[int], str | None]:
+def prompt_ids_for(text: str, window: int, tokenizer=None) -> tuple[list[int], str | None]:
     """Token ids of the prompt (empty -> <|endoftext|>), cropped to `window`, and a warning if cropped."""
-    from ..tokenizer import EOT_ID, encode
+    from ..tokenizer import as_tokenizer
 
-    ids = encode(text) if text else [EOT_ID]
+    tok = as_tokenizer(tokenizer)
+    ids = tok.encode(text) if text else [tok.eot_id]
     if len(ids) <= window:
         return ids, None
     return ids[-window:], f"prompt has {len(ids)} tokens, more than the context of {window}; using its last {window}"
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generation.generate import stream_generate
     from ..hardware import warn_if_slow_bfloat16
     from ..pretrained.resolve import load_model_arg
-    from ..tokenizer import ENDOFTEXT, EOT_ID, decode
+    from ..tokenizer import tokenizer_of
 
     if args.input and args.instruction is None:
         raise UsageError("--input goes with --instruction")
@@ -136,28 +139,28 @@ def run(args: argparse.Namespace) -> int:
     model = prepare_for_decoding(load_model_arg(args.model, device, dtype=dtype), kernel=kernel,
                                  compile=args.compile, max_batch=max(8, args.num_samples))
     config = model.config
+    tokenizer = tokenizer_of(model)
     window = args.context_size or config.context_length
     if window > config.context_length:
         raise UsageError(f"--context-size {window} is larger than the model's context_length {config.context_length}")
     if asking:  # tokenized as in fine-tuning (finetune/instructions.py): special-token text stays text
-        from ..tokenizer import get_tokenizer
-
-        ids = get_tokenizer().encode_ordinary(instruction_prompt(args))
+        ids = tokenizer.encode_ordinary(instruction_prompt(args))
         ids, warning = ids[-window:], (f"the prompt has {len(ids)} tokens, more than the context of {window}; "
                                        f"using its last {window}" if len(ids) > window else None)
     else:
-        ids, warning = prompt_ids_for(args.prompt, window)
+        ids, warning = prompt_ids_for(args.prompt, window, tokenizer)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    eos_id = None if args.no_eos_stop or EOT_ID >= config.vocab_size else EOT_ID
+    eot = tokenizer.eot_id
+    eos_id = None if args.no_eos_stop or eot >= config.vocab_size else eot
     prompt = torch.tensor([ids] * args.num_samples, dtype=torch.long)
     chunks = stream_generate(
         model, prompt, args.max_new_tokens, context_size=window, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_id=eos_id, seed=args.seed, use_cache=not args.no_cache,
+        top_p=args.top_p, eos_id=eos_id, seed=args.seed, use_cache=not args.no_cache, tokenizer=tokenizer,
     )
     live = not args.json and args.num_samples == 1
     if live and not asking:
-        sys.stdout.write(decode(ids) if args.prompt else "")
+        sys.stdout.write(tokenizer.decode(ids) if args.prompt else "")
         sys.stdout.flush()
     new_ids: list[list[int]] = [[] for _ in range(args.num_samples)]
     texts = [""] * args.num_samples
@@ -168,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
                 new_ids[i].append(tid)
         texts = chunk.text_so_far
         if asking:  # the response ends at <|endoftext|>, which is not part of it
-            texts = [t.removesuffix(ENDOFTEXT) for t in texts]
-            if chunk.token_ids[0] == EOT_ID:
+            texts = [t.removesuffix(tokenizer.eot_token) for t in texts]
+            if chunk.token_ids[0] == eot:
                 continue
         if live and chunk.text[0]:
             sys.stdout.write(chunk.text[0])
@@ -183,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, text in enumerate(texts):
             print(f"=== sample {i + 1} ===")
-            print((decode(ids) if args.prompt and not asking else "") + text)
+            print((tokenizer.decode(ids) if args.prompt and not asking else "") + text)
     if args.verbose:
         n = sum(len(x) for x in new_ids)
         rate = n / seconds if seconds > 0 else float("inf")

@@ -21,11 +21,14 @@ def _gib(n_bytes: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..model import model_info
+    from ..pretrained import model_tokenizer
     from ..pretrained.download import canonical_gpt2
     from ..pretrained.resolve import is_random_spec, resolve_config
 
     config = resolve_config(args.model)
     info = model_info(config)
+    tokenizer = model_tokenizer(args.model)
+    info["tokenizer"] = {"name": tokenizer.name, "vocab_size": tokenizer.n_vocab, "eot_id": tokenizer.eot_id}
     if args.json:
         print(json.dumps(info))
         return 0
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         weights = "OpenAI's trained weights (downloaded on first use)"
     else:
         weights = f"the saved weights in {args.model}"
-    print(f"model: {args.model}; weights: {weights}")
+    print(f"model: {args.model}; weights: {weights}; tokenizer: {tokenizer.name} ({tokenizer.n_vocab:,} tokens)")
     for key, value in info["config"].items():
         print(f"  {key}: {value}")
     print(f"parameters: {info['parameters']:,}")

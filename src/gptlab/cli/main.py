@@ -18,6 +18,7 @@ COMMANDS = {
     "info": "info",
     "download": "download",
     "convert": "convert",
+    "tokenizer": "tokenizer",
     "prepare": "prepare",
     "train": "train",
     "finetune": "finetune",

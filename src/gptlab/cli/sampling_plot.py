@@ -31,7 +31,7 @@ def temperature_list(text: str) -> list[float]:
 def register(sub) -> None:
     p = sub.add_parser("sampling-plot", help="plot next-token probabilities under temperature / top-k / top-p")
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--prompt", required=True, help="text whose next token is shown ('' = <|endoftext|>)")
+    p.add_argument("--prompt", required=True, help="text whose next token is shown ('' = <|endoftext|>), in the model's own tokenizer")
     p.add_argument("--temperatures", type=temperature_list, default=[0.1, 1.0, 5.0],
                    help="comma-separated temperatures (default 0.1,1,5)")
     p.add_argument("--top-k", type=positive_int, default=None, help="also show each temperature with top-k")
@@ -51,16 +51,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..errors import UsageError
-    from ..generation.explain import explain_sampling, format_table, plot_sampling, token_label
+    from ..generation.explain import explain_sampling, format_table, plot_sampling
     from ..pretrained.resolve import load_model_arg
-    from ..tokenizer import get_tokenizer
+    from ..tokenizer import token_label, tokenizer_of
     from .generate import prompt_ids_for
 
     if not args.out.lower().endswith(".png"):
         raise UsageError(f"--out must name a .png file, got {args.out}")
     device = pick_device(args, quiet=True)
     model = load_model_arg(args.model, device, purpose="explain")
-    ids, warning = prompt_ids_for(args.prompt, model.config.context_length)
+    tokenizer = tokenizer_of(model)
+    ids, warning = prompt_ids_for(args.prompt, model.config.context_length, tokenizer)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     if max(ids) >= model.config.vocab_size:
@@ -68,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1].float().cpu()
     generator = torch.Generator().manual_seed(args.seed)
-    tokenizer = get_tokenizer()
 
     def texts(candidates: list[int]) -> list[str]:
         return [tokenizer.decode([c]) for c in candidates]

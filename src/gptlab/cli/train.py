@@ -61,12 +61,15 @@ def run(args: argparse.Namespace) -> int:
         return 130
     out = result.out_dir
     final = result.metrics[-1]
+    bpb = f", {final['val_bpb']:.3f} bits per byte" if "val_bpb" in final else ""
     print(
         f"done: {result.state.step} steps, {result.state.tokens_seen:,} tokens in {final['elapsed_s'] / 60:.1f} min; "
         f"train loss {final['train_loss']:.3f}, val loss {final['val_loss']:.3f} "
-        f"(perplexity {perplexity(final['val_loss']):.1f})"
+        f"(perplexity {perplexity(final['val_loss']):.1f}{bpb})"
     )
-    print(f"saved in {out}: model (config.json, model.safetensors), checkpoint.pt, metrics.jsonl, loss.png")
+    tokenizer = ", tokenizer.json, tokenizer_config.json" if (out / "tokenizer.json").is_file() else ""
+    print(f"saved in {out}: model (config.json, model.safetensors{tokenizer}), checkpoint.pt, metrics.jsonl, "
+          "loss.png")
     prompt = result.config.sample_prompt if result.config is not None else ""
     print(f'sample from it: gptlab generate --model {out} --prompt "{prompt or ""}"')
     return 0

@@ -3,25 +3,28 @@
 Output folder layout:
     train.bin   token ids, little-endian, no header (data/tokenfile.py defines the format)
     val.bin     the same for the validation split
-    meta.json   tokenizer, vocabulary size, token type, token counts, split rule, sources (size, sha256)
+    meta.json   tokenizer (name, sha256), vocabulary size, token type, token counts, split rule, sources
+    tokenizer.json, tokenizer_config.json   the tokenizer, when it is not GPT-2's
 
-Documents. Every input file is one document: its tokens are followed by `<|endoftext|>` (50256).
+Documents. Every input file is one document: its tokens are followed by `<|endoftext|>` (50256 for GPT-2).
 Files are taken in the order given on the command line; a folder contributes its text files
 (recursively; hidden, empty and binary ones skipped, as `gptlab train` does) sorted by path.
 `<|endoftext|>` written literally inside a file is ordinary text.
 
 Streaming and why token counts do not change. A big file is cut into pieces of about `chunk_bytes`
 that are encoded independently (in worker processes), so memory stays flat. Pieces are cut only
-before an ASCII space or newline whose preceding byte is a visible ASCII character (0x21-0x7e).
-GPT-2's pre-tokenizer regex (see tokenizer.GPT2_PATTERN) never matches across such a position:
-every alternative that can contain a visible character stops at whitespace, and a whitespace run
-cannot start before a visible character. The regex has no look-behind, so matching the piece after
-the cut gives the same pre-tokens as the whole text does from there; its only look-ahead,
-`\\s+(?!\\S)`, concerns whitespace runs, and the piece before the cut ends in a visible character.
-BPE merges never cross pre-tokens, hence the tokens of all pieces, concatenated, are exactly
-`encode_ordinary(whole_file)`. A stretch with no such position (e.g. a huge run of non-ASCII text
-without spaces) is kept whole, so memory is bounded by max(chunk_bytes, the longest such stretch).
-Cuts fall on ASCII bytes, so they never split a UTF-8 character.
+before an ASCII space or newline whose preceding character is visible: any character but whitespace
+(an ASCII one, 0x21-0x7e, or a complete multi-byte UTF-8 character that is not whitespace, such as a
+CJK character or full stop). GPT-2's pre-tokenizer regex (see tokenizer.GPT2_PATTERN), which trained
+tokenizers use too, never matches across such a position: every alternative that can contain a
+visible character stops at whitespace, and a whitespace run cannot start before a visible character.
+The regex has no look-behind, so matching the piece after the cut gives the same pre-tokens as the
+whole text does from there; its only look-ahead, `\\s+(?!\\S)`, concerns whitespace runs, and the piece
+before the cut ends in a visible character. BPE merges never cross pre-tokens, hence the tokens of all
+pieces, concatenated, are exactly `encode_ordinary(whole_file)`. A stretch with no such position (e.g.
+a huge run of text without spaces or line breaks) is kept whole, so memory is bounded by
+max(chunk_bytes, the longest such stretch). Cuts fall before an ASCII byte, so they never split a
+UTF-8 character.
 
 Validation split. val.bin holds the last `val_fraction` of all tokens (in the input order above,
 rounded down, at least 1 token), train.bin the rest: deterministic, independent of the number of
@@ -46,11 +49,11 @@ import numpy as np
 
 from ..errors import GptlabError, UsageError
 from ..storage.files import atomic_path, write_json
+from ..tokenizer import Tokenizer, as_tokenizer, write_tokenizer
 from .text import folder_files, is_binary
 from .tokenfile import (
     FORMAT_VERSION,
     META_NAME,
-    TOKENIZER_NAME,
     TRAIN_NAME,
     VAL_NAME,
     numpy_dtype,
@@ -59,8 +62,9 @@ from .tokenfile import (
 )
 
 DEFAULT_CHUNK_BYTES = 1 << 20
-# A visible ASCII byte followed by a space or newline: a position where the text may be cut.
-_CUT = re.compile(rb"[\x21-\x7e](?=[ \n])")
+# A visible character followed by a space or newline: a position where the text may be cut. The
+# multi-byte branch also matches whitespace (U+3000) and broken sequences: `_is_cut` checks it.
+_CUT = re.compile(rb"(?:[\x21-\x7e]|[\xc2-\xf4][\x80-\xbf]{1,3})(?=[ \n])")
 _COPY_TOKENS = 1 << 22
 
 
@@ -107,6 +111,16 @@ def collect_sources(paths: Sequence[str | os.PathLike], exclude: Path | None = N
     return sources
 
 
+def _is_cut(m: re.Match) -> bool:
+    if len(m.group()) == 1:
+        return True
+    try:
+        char = m.group().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(char) == 1 and not char.isspace()
+
+
 def find_cut(buf: bytes, limit: int) -> int:
     """The last safe cut position in buf[:limit+1] (see the module docstring), or 0 if there is none."""
     # Look back in growing windows: in normal text a cut is found within a few bytes of `limit`.
@@ -115,15 +129,18 @@ def find_cut(buf: bytes, limit: int) -> int:
         lo = max(0, limit - window)
         cut = 0
         for m in _CUT.finditer(buf, lo, min(len(buf) - 1, limit) + 1):
-            cut = m.end()
+            if _is_cut(m):
+                cut = m.end()
         if cut or lo == 0:
             return cut
         window *= 16
 
 
 def _first_cut_after(buf: bytes, start: int) -> int:
-    m = _CUT.search(buf, start)
-    return m.end() if m else 0
+    for m in _CUT.finditer(buf, start):
+        if _is_cut(m):
+            return m.end()
+    return 0
 
 
 def iter_pieces(sources: Sequence[Source], chunk_bytes: int, hashes: list) -> Iterator[Piece]:
@@ -169,10 +186,21 @@ def _batches(pieces: Iterator[Piece], batch_bytes: int) -> Iterator[list[Piece]]
         yield batch
 
 
-def encode_batch(batch: list[tuple[int, int, bytes, bool]], dtype: str = "uint16") -> np.ndarray | tuple[int, int, str]:
-    """Worker task: decode and encode pieces; the token ids, or (source, byte offset, reason) on bad UTF-8."""
-    from ..tokenizer import EOT_ID, get_tokenizer
+_WORKER_TOKENIZER: Tokenizer | None = None  # a worker process's tokenizer, received once at its start
 
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def encode_batch(batch: list[tuple[int, int, bytes, bool]], dtype: str = "uint16",
+                 tokenizer: Tokenizer | None = None) -> np.ndarray | tuple[int, int, str]:
+    """Worker task: decode and encode pieces; the token ids, or (source, byte offset, reason) on bad UTF-8.
+
+    `tokenizer`: the tokenizer to use (default: the worker's, else GPT-2's).
+    """
+    tok = tokenizer or _WORKER_TOKENIZER or as_tokenizer(None)
     texts = []
     for source, offset, data, _ in batch:
         try:
@@ -180,25 +208,27 @@ def encode_batch(batch: list[tuple[int, int, bytes, bool]], dtype: str = "uint16
         except UnicodeDecodeError as exc:
             return (source, offset + exc.start, exc.reason)
     # One thread: the parallelism comes from the worker processes.
-    encoded = get_tokenizer().encode_ordinary_batch(texts, num_threads=1)
+    encoded = tok.encode_ordinary_batch(texts, num_threads=1)
     parts = []
     for (_, _, _, last), ids in zip(batch, encoded, strict=True):
         parts.append(np.asarray(ids, dtype=numpy_dtype(dtype)))
         if last:
-            parts.append(np.array([EOT_ID], dtype=numpy_dtype(dtype)))
+            parts.append(np.array([tok.eot_id], dtype=numpy_dtype(dtype)))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=numpy_dtype(dtype))
 
 
-def _encoded_stream(tasks: Iterator[list[Piece]], workers: int, dtype: str) -> Iterator[tuple[np.ndarray | tuple, int]]:
+def _encoded_stream(tasks: Iterator[list[Piece]], workers: int, dtype: str,
+                    tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray | tuple, int]]:
     """Encoded tasks in input order with (tokens or error, bytes); at most 2*workers tasks in flight."""
     as_args = ([(p.source, p.offset, p.data, p.last) for p in task] for task in tasks)
     if workers == 1:
         for args in as_args:
-            yield encode_batch(args, dtype), sum(len(a[2]) for a in args)
+            yield encode_batch(args, dtype, tokenizer), sum(len(a[2]) for a in args)
         return
     # spawn: no fork of a possibly multi-threaded parent (torch, tqdm); the same on every platform.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers) as pool:
+    # Each worker receives the tokenizer once (a trained one travels as its tokenizer.json text).
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending: collections.deque = collections.deque()
         for args in as_args:
             # Bounded queue instead of Pool.imap, which would read the whole input ahead into memory.
@@ -220,8 +250,15 @@ def default_workers() -> int:
     return max(1, min(8, cpus))
 
 
-def check_out_dir(out: Path, force: bool) -> None:
+def not_utf8(path: Path, offset: int, reason: str) -> UsageError:
+    """The error for a file that is not UTF-8: its name and the offset of the first bad byte."""
+    return UsageError(f"{path} is not UTF-8 text (byte {offset}: {reason}); convert it (e.g. iconv -t UTF-8) "
+                      "or leave it out")
+
+
+def check_out_dir(out: Path, force: bool, tokenizer: Tokenizer | None = None) -> None:
     """Refuse to mix tokenizers in `out`, and to overwrite a prepared dataset without `force`."""
+    name = as_tokenizer(tokenizer).name
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
     meta_path = out / META_NAME
@@ -231,9 +268,9 @@ def check_out_dir(out: Path, force: bool) -> None:
             tokenizer = meta.get("tokenizer")
         except (OSError, ValueError, AttributeError):
             tokenizer = None
-        if tokenizer != TOKENIZER_NAME:
+        if tokenizer != name:
             raise UsageError(
-                f"{out} holds data prepared with tokenizer {tokenizer!r}, not {TOKENIZER_NAME!r}; "
+                f"{out} holds data prepared with tokenizer {tokenizer!r}, not {name!r}; "
                 "tokenizers cannot be mixed: delete that folder or choose another --out"
             )
     existing = [n for n in (META_NAME, TRAIN_NAME, VAL_NAME) if (out / n).exists()]
@@ -267,44 +304,41 @@ def prepare_dataset(
     force: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool | None = None,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
 ) -> dict:
     """Tokenize `paths` into out/train.bin, out/val.bin and out/meta.json; returns the meta dict.
 
+    `tokenizer`: GPT-2's by default, or a tokenizer (folder); a tokenizer other than GPT-2's is stored in
+    `out` too (tokenizer.json, tokenizer_config.json), so training on the folder finds it.
     `progress`: a progress bar in bytes on stderr (None: only when stderr is a terminal).
     """
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if workers < 1 or chunk_bytes < 1:
         raise UsageError("workers and chunk_bytes must be at least 1")
+    tok = as_tokenizer(tokenizer)
     out = Path(out)
     sources = collect_sources(paths, exclude=out)
-    check_out_dir(out, force)
-    from ..tokenizer import EOT_ID, get_tokenizer
-
-    vocab_size = get_tokenizer().n_vocab
-    dtype = token_dtype_for(vocab_size)
+    check_out_dir(out, force, tok)
+    dtype = token_dtype_for(tok.n_vocab)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GptlabError(f"cannot create {out}: {exc.strerror or exc}; choose a writable --out folder") from None
     # The old meta.json goes first: a crash below leaves no meta.json pointing at mismatched .bin files.
     (out / META_NAME).unlink(missing_ok=True)
-    total_bytes = sum(s.size for s in sources)
     hashes: list[str] = []
     total = 0
     show = sys.stderr.isatty() if progress is None else progress
     with atomic_path(out / TRAIN_NAME) as train_tmp, atomic_path(out / VAL_NAME) as val_tmp:
-        with open(train_tmp, "wb") as fh, _progress(total_bytes, show) as bar:
+        with open(train_tmp, "wb") as fh, _progress(sum(s.size for s in sources), show) as bar:
             tasks = _batches(iter_pieces(sources, chunk_bytes, hashes), chunk_bytes)
             # closing(): on an error the worker pool is shut down at once, not when garbage-collected.
-            with contextlib.closing(_encoded_stream(tasks, workers, dtype)) as stream:
+            with contextlib.closing(_encoded_stream(tasks, workers, dtype, tok)) as stream:
                 for tokens, size in stream:
                     if isinstance(tokens, tuple):
                         source, offset, reason = tokens
-                        raise UsageError(
-                            f"{sources[source].path} is not UTF-8 text (byte {offset}: {reason}); "
-                            "convert it (e.g. iconv -t UTF-8) or leave it out"
-                        )
+                        raise not_utf8(sources[source].path, offset, reason)
                     fh.write(token_bytes(tokens, dtype))
                     total += len(tokens)
                     bar.update(size)
@@ -312,14 +346,23 @@ def prepare_dataset(
         if total - n_val < 1:
             raise UsageError(f"only {total} tokens: too little text to split into train and val")
         _split_tail(train_tmp, val_tmp, total, n_val, numpy_dtype(dtype).itemsize)
-    meta = {
+    write_tokenizer(tok, out)  # before meta.json, which marks the folder complete
+    meta = _meta(tok, dtype, sources, hashes, total - n_val, n_val, val_fraction)
+    write_json(out / META_NAME, meta)
+    return meta
+
+
+def _meta(tok: Tokenizer, dtype: str, sources: list[Source], hashes: list[str], n_train: int, n_val: int,
+          val_fraction: float) -> dict:
+    return {
         "format_version": FORMAT_VERSION,
-        "tokenizer": TOKENIZER_NAME,
-        "vocab_size": vocab_size,
-        "eot_token": EOT_ID,
+        "tokenizer": tok.name,
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.n_vocab,
+        "eot_token": tok.eot_id,
         "dtype": dtype,
         "documents": len(sources),
-        "train_tokens": total - n_val,
+        "train_tokens": n_train,
         "val_tokens": n_val,
         "val_fraction": val_fraction,
         "split": "val = last val_fraction of all tokens, in input order",
@@ -327,5 +370,3 @@ def prepare_dataset(
             {"path": str(s.path), "bytes": s.size, "sha256": h} for s, h in zip(sources, hashes, strict=True)
         ],
     }
-    write_json(out / META_NAME, meta)
-    return meta

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..tokenizer import Tokenizer
 from .text import DataSplit
 from .tokenfile import (
     META_NAME,
@@ -107,13 +108,15 @@ def prepared_split(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str | None = None,
+    tokenizer: Tokenizer | None = None,
 ):
-    """A DataSplit (train and validation loaders for this rank) over a prepared folder."""
-    meta = read_meta(folder)
+    """A DataSplit (train and validation loaders for this rank) over a prepared folder, whose tokens must
+    come from `tokenizer` (the model's; GPT-2's by default)."""
+    meta = read_meta(folder, tokenizer)
     if int(meta.get("vocab_size", 0)) > vocab_size:
         raise UsageError(f"{folder} was tokenized with a vocabulary of {meta['vocab_size']} but the model has "
                          f"{vocab_size}; use vocab_size {meta['vocab_size']}")
-    train_set, val_set = load_prepared(folder, context_length, stride)
+    train_set, val_set = load_prepared(folder, context_length, stride, tokenizer)
     common = dict(seed=seed, rank=rank, world_size=world_size, device=device)
     train_loader = PreparedLoader(train_set, batch_size, **common)
     val_loader = PreparedLoader(val_set, batch_size, shuffle=False, name="val.bin", **common)

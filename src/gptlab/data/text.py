@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import GptlabError, UsageError
-from ..tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
+from ..tokenizer import Tokenizer, as_tokenizer
 from .corpus import BUILTIN_CORPUS, CORPORA, builtin_documents, fetch_corpus
 
 BINARY_PROBE = 8192  # bytes read to tell a binary file from text
@@ -118,19 +118,21 @@ def load_documents(sources: Sequence[str | os.PathLike] | None = None) -> list[s
     return docs
 
 
-def tokenize_documents(docs: Sequence[str]) -> torch.Tensor:
-    """One token stream (int64) with `<|endoftext|>` between documents.
+def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer | str | os.PathLike | None = None) -> torch.Tensor:
+    """One token stream (int64) with `<|endoftext|>` between documents, tokenized by `tokenizer`
+    (GPT-2's by default; a tokenizer folder or object, see gptlab.tokenizer.get_tokenizer).
 
     A literal `<|endoftext|>` inside a text is kept as the special token (as the book does), so one
     file can hold several documents.
     """
     if not docs:
         raise UsageError("no text to tokenize; give at least one non-empty file")
-    encoded = get_tokenizer().encode_batch(list(docs), allowed_special={ENDOFTEXT})
+    tok = as_tokenizer(tokenizer)
+    encoded = tok.encode_batch(list(docs))
     ids: list[int] = []
     for i, part in enumerate(encoded):
         if i:
-            ids.append(EOT_ID)
+            ids.append(tok.eot_id)
         ids.extend(part)
     return torch.tensor(ids, dtype=torch.long)
 
@@ -174,8 +176,11 @@ def create_dataloader(
     drop_last: bool = True,
     num_workers: int = 0,
     seed: int | None = None,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
 ) -> DataLoader:
     """Batches of (inputs, targets), each (batch_size, max_length), from a text or a token stream.
+
+    A text is tokenized with `tokenizer` (GPT-2's by default).
 
     The loader owns a torch.Generator seeded with `seed` (or, when None, with a number drawn from
     torch's global RNG, so `torch.manual_seed` makes it reproducible): shuffling and worker seeds come
@@ -186,7 +191,7 @@ def create_dataloader(
     if num_workers < 0:
         raise UsageError(f"num_workers must be 0 or more, got {num_workers}")
     if isinstance(source, str):
-        source = tokenize_documents([source])
+        source = tokenize_documents([source], tokenizer)
     dataset = GPTDataset(source, max_length, stride)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())

@@ -30,17 +30,17 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import GptlabError, UsageError
+from ..tokenizer import Tokenizer, as_tokenizer
 
 # --- the format, in one place ------------------------------------------------------------------
 # A prepared folder: train.bin and val.bin hold token ids, little-endian, no header, in the unsigned
 # integer type named by meta.json's "dtype" (uint16 while the vocabulary fits, else uint32);
-# meta.json also records the tokenizer, the counts and the sources.
+# meta.json also records the tokenizer (name and sha256), the counts and the sources.
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 TRAIN_NAME = "train.bin"
 VAL_NAME = "val.bin"
 SPLIT_FILES = {"train": TRAIN_NAME, "val": VAL_NAME}
-TOKENIZER_NAME = "gpt2"
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
@@ -72,9 +72,10 @@ def map_tokens(path: str | os.PathLike, dtype: str = "uint16") -> np.memmap:
         raise GptlabError(f"cannot map {path} ({exc}); is it an empty or unreadable file?") from None
 
 
-def read_split(folder: str | os.PathLike, split: str = "val") -> torch.Tensor:
-    """All token ids (int64) of one split of a prepared folder, checked against its meta.json."""
-    meta = read_meta(folder)
+def read_split(folder: str | os.PathLike, split: str = "val", tokenizer: Tokenizer | None = None) -> torch.Tensor:
+    """All token ids (int64) of one split of a prepared folder, checked against its meta.json and against
+    the tokenizer that will read them (GPT-2's by default)."""
+    meta = read_meta(folder, tokenizer)
     tokens = map_tokens(Path(folder) / SPLIT_FILES[split], meta["dtype"])
     return torch.from_numpy(tokens.astype(np.int64))
 
@@ -264,8 +265,9 @@ def eval_batches(
         yield chunk[:, :-1], chunk[:, 1:], n_real
 
 
-def read_meta(folder: str | os.PathLike) -> dict:
-    """meta.json of a prepared folder, validated against the token files' sizes."""
+def read_meta(folder: str | os.PathLike, tokenizer: Tokenizer | None = None) -> dict:
+    """meta.json of a prepared folder, validated against the token files' sizes and `tokenizer` (the one the
+    model uses, GPT-2's by default)."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
@@ -273,11 +275,10 @@ def read_meta(folder: str | os.PathLike) -> dict:
         raise UsageError(f"{folder} is not a prepared dataset ({META_NAME} missing); run gptlab prepare") from None
     except (OSError, ValueError) as exc:
         raise GptlabError(f"{folder / META_NAME} is unreadable ({exc}); run gptlab prepare --force again") from None
-    if not isinstance(meta, dict) or meta.get("tokenizer") != TOKENIZER_NAME or meta.get("dtype") not in TOKEN_DTYPES:
-        raise UsageError(
-            f"{folder} was prepared with tokenizer {meta.get('tokenizer') if isinstance(meta, dict) else None!r}, "
-            f"gptlab needs {TOKENIZER_NAME!r} tokens stored as {' or '.join(TOKEN_DTYPES)}; prepare it again"
-        )
+    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer"), str) or meta.get("dtype") not in TOKEN_DTYPES:
+        raise UsageError(f"{folder / META_NAME} does not describe token files gptlab reads (a tokenizer name and "
+                         f"a token type of {' or '.join(TOKEN_DTYPES)}); prepare it again")
+    check_tokenizer(meta, folder, tokenizer)
     itemsize = TOKEN_DTYPES[meta["dtype"]].itemsize
     for name, key in ((TRAIN_NAME, "train_tokens"), (VAL_NAME, "val_tokens")):
         path = folder / name
@@ -290,6 +291,20 @@ def read_meta(folder: str | os.PathLike) -> dict:
     return meta
 
 
+def check_tokenizer(meta: dict, folder: Path, tokenizer: Tokenizer | None) -> None:
+    """Refuse token files that `tokenizer` (the model's) did not write, naming both tokenizers."""
+    tok = as_tokenizer(tokenizer)
+    if meta["dtype"] == "uint16" and token_dtype_for(tok.n_vocab) == "uint32":
+        raise UsageError(f"{folder} holds uint16 token ids (tokenizer {meta['tokenizer']}), but the model's "
+                         f"vocabulary of {tok.n_vocab:,} tokens ({tok.name}) needs uint32; prepare the text again "
+                         "with the model's tokenizer (gptlab prepare --tokenizer)")
+    sha = meta.get("tokenizer_sha256")
+    if meta["tokenizer"] != tok.name or (sha and tok.sha256 and sha != tok.sha256):
+        raise UsageError(f"{folder} was prepared with tokenizer {meta['tokenizer']}, but the model uses {tok.name}; "
+                         "prepare the text again with the model's tokenizer (gptlab prepare --tokenizer), or use "
+                         "a model of that tokenizer")
+
+
 def is_prepared_dir(path: str | os.PathLike) -> bool:
     """Whether `path` is a folder written by `gptlab prepare` (meta.json next to train.bin and val.bin)."""
     path = Path(path)
@@ -297,10 +312,11 @@ def is_prepared_dir(path: str | os.PathLike) -> bool:
 
 
 def load_prepared(
-    folder: str | os.PathLike, context_length: int, stride: int | None = None
+    folder: str | os.PathLike, context_length: int, stride: int | None = None, tokenizer: Tokenizer | None = None
 ) -> tuple[TokenFileDataset, TokenFileDataset]:
-    """The (train, val) datasets of a prepared folder, after checking meta.json against the files."""
-    dtype = read_meta(folder)["dtype"]
+    """The (train, val) datasets of a prepared folder, after checking meta.json against the files and the
+    tokenizer (the model's, GPT-2's by default)."""
+    dtype = read_meta(folder, tokenizer)["dtype"]
     folder = Path(folder)
     return (
         TokenFileDataset(folder / TRAIN_NAME, context_length, stride, dtype),

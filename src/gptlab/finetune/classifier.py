@@ -22,9 +22,16 @@ from torch import Tensor, nn
 from ..config import GPTConfig
 from ..errors import UsageError
 from ..model import GPTModel, unwrap_model
-from ..pretrained.native import CLASSIFIER_NAME, CONFIG_NAME, WEIGHTS_NAME, load_state_into, read_safetensors
+from ..pretrained.native import (
+    CLASSIFIER_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_state_into,
+    read_safetensors,
+    stored_tokenizer,
+)
 from ..storage.files import read_format_file, write_json
-from ..tokenizer import get_tokenizer
+from ..tokenizer import as_tokenizer, tokenizer_of
 
 PAD_ID = -1  # padding in classification batches (not a token id: the classifier masks it out)
 CLASSIFIER_FORMAT = "gptlab-classifier"
@@ -79,6 +86,7 @@ def build_classifier(base: GPTModel, num_classes: int, labels: Sequence[str] | N
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("out_head.")}
     state.update({"out_head.weight": head.weight.detach(), "out_head.bias": head.bias.detach()})
     model.load_state_dict(state, assign=True)
+    model.tokenizer = base.tokenizer
     return model.train(base.training)
 
 
@@ -122,12 +130,14 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu
     model.max_length = info.get("max_length")
     state = read_safetensors(folder / WEIGHTS_NAME, model.config, model)
     load_state_into(model, state, str(folder / WEIGHTS_NAME), assign=True)
+    model.tokenizer = stored_tokenizer(folder, config)
     return model.to(device).eval()
 
 
-def encode_texts(texts: Iterable[str], max_length: int | None = None) -> list[list[int]]:
-    """Token ids of each text, the first `max_length` kept (as the book's SpamDataset truncates)."""
-    tok = get_tokenizer()
+def encode_texts(texts: Iterable[str], max_length: int | None = None, tokenizer=None) -> list[list[int]]:
+    """Token ids of each text (GPT-2's tokenizer by default), the first `max_length` kept (as the book's
+    SpamDataset truncates)."""
+    tok = as_tokenizer(tokenizer)
     return [tok.encode_ordinary(t)[:max_length] if max_length else tok.encode_ordinary(t) for t in texts]
 
 
@@ -147,7 +157,7 @@ def classify_texts(model: nn.Module, texts: Sequence[str], batch_size: int = 16,
     inner = unwrap_model(model)
     limit = min(max_length or inner.config.context_length, inner.config.context_length)
     device = inner.tok_emb.weight.device
-    ids = encode_texts(texts, limit)
+    ids = encode_texts(texts, limit, tokenizer_of(inner))
     if any(not row for row in ids):
         raise UsageError("a text to classify is empty")
     was_training = model.training

@@ -127,9 +127,9 @@ class ClassificationDataset(Dataset):
     """
 
     def __init__(self, texts: Sequence[str], labels: Sequence[str], names: Sequence[str],
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, tokenizer=None) -> None:
         ids = {name: i for i, name in enumerate(names)}
-        full = encode_texts(texts)
+        full = encode_texts(texts, tokenizer=tokenizer)
         self.truncated = sum(1 for row in full if max_length is not None and len(row) > max_length)
         self.max_length = max_length or max(len(row) for row in full)
         self.encoded = [(row[: self.max_length], ids[label]) for row, label in zip(full, labels, strict=True)]

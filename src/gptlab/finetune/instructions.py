@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ..data.text import read_text_file
 from ..errors import UsageError
-from ..tokenizer import EOT_ID, get_tokenizer
+from ..tokenizer import EOT_ID, as_tokenizer
 from .records import Record, is_table, read_json_records, require_records
 from .templates import PromptTemplate, format_instruction, get_template
 
@@ -105,7 +105,7 @@ class InstructionDataset(Dataset):
 
     def __init__(self, data: Sequence[dict], tokenizer=None, template: str | PromptTemplate = "alpaca",
                  max_length: int | None = None, train_on_prompt: bool = False) -> None:
-        tok = tokenizer or get_tokenizer()
+        tok = as_tokenizer(tokenizer)
         template = get_template(template) if isinstance(template, str) else template
         self.data, self.encoded = [], []
         self.truncated = self.dropped = 0

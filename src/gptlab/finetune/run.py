@@ -65,7 +65,7 @@ def run_finetune(ft: FinetuneConfig, cfg: TrainConfig, out: str | os.PathLike | 
         raise UsageError("give the model to fine-tune with --init (a GPT-2 name, a model or run folder)")
     base = unwrap_model(model).train() if model is not None else load_init(ft.init, ft.drop_rate, allow_random=True)
     task = build_task(ft, cfg, base, train_part, val_part, start.out, start.log)
-    check_model(start, unwrap_model(task.model).config)
+    check_model(start, unwrap_model(task.model))
     check_data(start, task.fingerprint)
     cfg = fix_schedule(cfg, len(task.train_loader))
     for line in (*task.plan, f"device {start.info.device}; output {start.out}"):

@@ -26,7 +26,7 @@ from ..errors import UsageError
 from ..generation.generate import generate
 from ..model import GPTModel, unwrap_model
 from ..storage.files import atomic_open
-from ..tokenizer import EOT_ID, get_tokenizer
+from ..tokenizer import tokenizer_of
 from ..training import distributed as D
 from ..training.settings import TrainConfig, TrainResult
 from .batching import example_loaders
@@ -79,13 +79,15 @@ def instruction_task(ft: FinetuneConfig, cfg: TrainConfig, base: GPTModel, train
     """Instruction tuning: loss on the responses, greedy answers to validation instructions after each epoch."""
     model, adapter_info = adapt(base, ft)  # first: a wrong --adapter is named before the data is tokenized
     max_length = example_length(ft.max_length, base.config)
-    sets = [InstructionDataset(entries, template=template, max_length=max_length, train_on_prompt=ft.train_on_prompt)
-            for entries in (train_entries, val_entries)]
+    tok = tokenizer_of(base)
+    sets = [InstructionDataset(entries, tok, template=template, max_length=max_length,
+                               train_on_prompt=ft.train_on_prompt) for entries in (train_entries, val_entries)]
     for dataset, what in zip(sets, ("training", "validation"), strict=True):
         dataset.warn_if_cut(what)
         if not len(dataset):
             raise UsageError(f"no {what} example fits in {max_length} tokens; raise --max-length")
-    collate = partial(instruction_collate, allowed_max_length=max_length, mask_prompt=not ft.train_on_prompt)
+    collate = partial(instruction_collate, pad_token_id=tok.eot_id, allowed_max_length=max_length,
+                      mask_prompt=not ft.train_on_prompt)
     train_loader, val_loader = example_loaders(*sets, collate, ft.batch_size, cfg.seed, ft.num_workers,
                                                D.get_rank(), D.get_world_size())
     val_data = sets[1].data
@@ -113,16 +115,16 @@ def respond(model: nn.Module, entries: Sequence[dict], template: PromptTemplate 
             max_new_tokens: int = 256, batch_size: int = 8) -> list[str]:
     """Greedy responses to instruction records, each up to its first <|endoftext|> (the book's chapter 7)."""
     inner = unwrap_model(model)
-    tok = get_tokenizer()
-    answers = []
+    tok = tokenizer_of(inner)
+    eot, answers = tok.eot_id, []
     for i in range(0, len(entries), batch_size):
         prompts = [tok.encode_ordinary(template.format(e["instruction"], e.get("input") or ""))
                    for e in entries[i : i + batch_size]]
         # one batch (left-padded inside); each row comes back as its prompt and its new ids, up to <|endoftext|>
-        rows = generate(inner, prompts, max_new_tokens, temperature=0.0, eos_id=EOT_ID)
+        rows = generate(inner, prompts, max_new_tokens, temperature=0.0, eos_id=eot)
         for prompt, row in zip(prompts, rows, strict=True):
             new = row[len(prompt):].tolist()
-            answers.append(tok.decode(new[: new.index(EOT_ID)] if EOT_ID in new else new).strip())
+            answers.append(tok.decode(new[: new.index(eot)] if eot in new else new).strip())
     return answers
 
 
@@ -154,7 +156,7 @@ def classification_task(ft: FinetuneConfig, cfg: TrainConfig, base: GPTModel, tr
     names = class_names(train.labels)
     check_classes(names, val.labels, source)
     max_length = example_length(ft.max_length, base.config)
-    sets = [ClassificationDataset(d.texts, d.labels, names, max_length) for d in (train, val)]
+    sets = [ClassificationDataset(d.texts, d.labels, names, max_length, tokenizer_of(base)) for d in (train, val)]
     cut = sets[0].truncated + sets[1].truncated
     if cut:
         warnings.warn(f"{cut} of the {len(sets[0]) + len(sets[1])} texts are longer than {max_length} tokens and "

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
+from ..tokenizer import token_label  # noqa: F401 - part of this module's API: how candidates are labelled
 from .sampling import check_sampling_args, next_token_probs
 
 
@@ -128,16 +129,6 @@ def format_table(table: SamplingTable) -> str:
     if table.samples:
         lines.append(f"(n) = times drawn in {table.samples} samples")
     return "\n".join(lines)
-
-
-def token_label(token_bytes: bytes) -> str:
-    """A token made readable: its text (newlines and tabs escaped), or its bytes as `<E7 9A>` when it is only
-    part of a UTF-8 character (GPT-2's byte-level tokens split many characters of non-Latin scripts)."""
-    try:
-        text = token_bytes.decode("utf-8")
-    except UnicodeDecodeError:
-        return "<" + " ".join(f"{b:02X}" for b in token_bytes) + ">"
-    return repr(text)[1:-1]
 
 
 def display_token(label: str) -> str:

@@ -129,7 +129,8 @@ def _prepare(model: GPTModel, idx, settings: GenerationSettings, attention_mask:
     if B == 0:
         raise UsageError("idx has no rows; give at least one prompt")
     if T == 0:
-        raise UsageError("the prompt is empty; give at least one token id (start from <|endoftext|> = 50256 for none)")
+        raise UsageError("the prompt is empty; give at least one token id (start from the <|endoftext|> id for none, "
+                         "50256 in GPT-2's tokenizer)")
     pad = [0] * B
     if attention_mask is not None:
         pad = _check_mask(attention_mask, B, T)
@@ -370,11 +371,9 @@ class TokenTextDecoder:
     """
 
     def __init__(self, tokenizer=None) -> None:
-        if tokenizer is None:
-            from ..tokenizer import get_tokenizer
+        from ..tokenizer import as_tokenizer
 
-            tokenizer = get_tokenizer()
-        self._tok = tokenizer
+        self._tok = as_tokenizer(tokenizer)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # everything decoded so far
 
@@ -419,7 +418,7 @@ def stream_generate(
     StreamChunk per step, each as soon as it exists.
 
     Arguments are checked here, before the iterator is returned. Text is decoded with `tokenizer`
-    (GPT-2's by default) and never splits a multi-byte character; an EOS token shows as its text
+    (default: the model's, see gptlab.tokenizer.tokenizer_of) and never splits a multi-byte character; an EOS token shows as its text
     (`<|endoftext|>`). The new ids are the same as `generate` gives with the same arguments.
     """
     if settings is None:
@@ -429,6 +428,10 @@ def stream_generate(
             known = ", ".join(f.name for f in dataclasses.fields(GenerationSettings))
             raise UsageError(f"unknown stream_generate option(s) {', '.join(sorted(options))}; known: {known}") from None
     setup = _prepare(model, idx, settings, attention_mask)
+    if tokenizer is None:
+        from ..tokenizer import tokenizer_of
+
+        tokenizer = tokenizer_of(model)
     decoders = [TokenTextDecoder(tokenizer) for _ in range(setup.idx.shape[0])]
     return _stream(model, setup, decoders)
 

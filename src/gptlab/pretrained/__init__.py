@@ -6,6 +6,9 @@ Sources, recognised by their files:
 3. a gptlab model / run folder (config.json + model.safetensors) or a bare gptlab .safetensors file;
 4. a state_dict saved by the book's GPTModel (model.pth, model_and_optimizer.pth);
 5. a GPT-2 name (gpt2-small ... gpt2-xl, 124M ... 1558M): from the cache, downloaded if absent.
+
+A gptlab or Hugging Face folder may hold the model's tokenizer (tokenizer.json, tokenizer_config.json);
+the loaded model carries it as `model.tokenizer` (None means GPT-2's, what every other source uses).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..errors import GptlabError, UsageError, did_you_mean
 from ..model import GPTModel
 from ..storage.files import read_json
 from ..storage.safe_load import inspect_safetensors
+from ..tokenizer import Tokenizer, get_tokenizer
 from .assemble import Spec, assemble
 from .book import book_config, load_book, read_book_state
 from .download import (
@@ -42,10 +46,10 @@ from .hf import (
     looks_like_hf_config,
     save_hf,
 )
-from .native import CLASSIFIER_NAME, CONFIG_NAME, WEIGHTS_NAME, expected_shapes
+from .native import CLASSIFIER_NAME, CONFIG_NAME, WEIGHTS_NAME, expected_shapes, stored_tokenizer
 from .openai import HPARAMS_NAME, config_from_hparams, is_openai_folder, load_openai
 
-__all__ = ["download_model", "identify", "load_pretrained", "read_config", "save_hf"]
+__all__ = ["download_model", "identify", "load_pretrained", "model_tokenizer", "read_config", "save_hf"]
 
 
 def _gptlab_file_config(path: Path, meta: dict | None = None) -> GPTConfig:
@@ -198,12 +202,29 @@ def _load_name(key: str, device, dtype) -> GPTModel:
     return load_openai(folder, device, dtype)
 
 
+def source_tokenizer(source: Source, config: GPTConfig | None = None) -> Tokenizer | None:
+    """The tokenizer stored with a model (gptlab and Hugging Face folders), checked against its vocabulary;
+    None for GPT-2's (OpenAI folders, the book's files, GPT-2 names, folders without tokenizer files)."""
+    return stored_tokenizer(source.path, config) if source.kind in ("hf", "gptlab") else None
+
+
+def model_tokenizer(path_or_name: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of anything --model accepts, without reading weights (GPT-2's unless one is stored)."""
+    from .resolve import RANDOM_PREFIX, is_random_spec
+
+    spec = str(path_or_name)
+    if is_random_spec(spec):
+        return get_tokenizer()
+    return source_tokenizer(identify(spec.removeprefix(RANDOM_PREFIX)), read_config(spec)) or get_tokenizer()
+
+
 def load_pretrained(
     path_or_name: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> GPTModel:
-    """A ready model (eval mode) from any of the five sources above; every shape is checked."""
+    """A ready model (eval mode) from any of the five sources above; every shape is checked. The model's
+    `tokenizer` is the one stored with it (None: GPT-2's)."""
     source = identify(path_or_name)
     if source.kind == "gpt2":
         model = _load_name(str(source.path), device, dtype)
@@ -216,6 +237,7 @@ def load_pretrained(
     else:
         config = GPTConfig.load(source.config) if source.config is not None else None
         model = _load_gptlab(source.weights, config, device, dtype)
+    model.tokenizer = source_tokenizer(source, model.config)
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model.eval()

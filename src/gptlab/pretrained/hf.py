@@ -23,6 +23,8 @@ from ..errors import GptlabError, UsageError
 from ..model import GPTModel, unwrap_model
 from ..storage.files import atomic_path, write_json
 from ..storage.safe_load import check_tensor_set, inspect_safetensors, safe_torch_load
+from ..tokenizer import GPT2_VOCAB_SIZE, Tokenizer, as_tokenizer
+from ..tokenizer.hf_files import write_hf_tokenizer
 from .assemble import GPT2_LAYER, assemble, brief, gpt2_specs, transpose
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -167,8 +169,16 @@ def load_hf(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype
 # --- export ---------------------------------------------------------------------------------------
 
 
-def hf_config(config: GPTConfig) -> dict:
-    """transformers' GPT2Config fields for a gptlab config."""
+def _eot_id(config: GPTConfig, tokenizer: Tokenizer | None) -> int | None:
+    """The tokenizer's <|endoftext|> id where the vocabulary has it (transformers warns otherwise)."""
+    eot = as_tokenizer(tokenizer).eot_id
+    return eot if eot < config.vocab_size else None
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer | None = None) -> dict:
+    """transformers' GPT2Config fields for a gptlab config (bos/eos: the tokenizer's <|endoftext|>, GPT-2's
+    by default)."""
+    eot = _eot_id(config, tokenizer)
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -186,9 +196,8 @@ def hf_config(config: GPTConfig) -> dict:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": config.tie_embeddings,
-        # GPT-2's <|endoftext|>, only where the vocabulary has it (transformers warns otherwise)
-        "bos_token_id": 50256 if config.vocab_size > 50256 else None,
-        "eos_token_id": 50256 if config.vocab_size > 50256 else None,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
     }
 
 
@@ -214,33 +223,34 @@ def hf_state(model: GPTModel) -> dict[str, Tensor]:
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def hf_generation_config(config: GPTConfig) -> dict:
-    """generation_config.json: GPT-2's <|endoftext|> as bos/eos where the vocabulary has it."""
-    eot = 50256 if config.vocab_size > 50256 else None
-    return {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False}
+def hf_generation_config(config: GPTConfig, tokenizer: Tokenizer | None = None) -> dict:
+    """generation_config.json: the tokenizer's <|endoftext|> as bos/eos (and padding, so that pipeline does
+    not warn) where the vocabulary has it."""
+    eot = _eot_id(config, tokenizer)
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": False}
 
 
 def save_hf(model: GPTModel, folder: str | os.PathLike) -> Path:
     """Write a folder that transformers loads offline: GPT2LMHeadModel.from_pretrained for the weights,
     AutoTokenizer and pipeline("text-generation") with exactly gptlab's token ids.
 
-    The tokenizer files are GPT-2's when the model's vocabulary is GPT-2's (50,257 tokens); a model
-    with another vocabulary gets the weights and configs only (and a warning).
+    The tokenizer files are the model's tokenizer's (`model.tokenizer`), or GPT-2's when the model has none
+    and its vocabulary is GPT-2's (50,257 tokens); any other model gets the weights and configs only (and
+    a warning).
     """
     from safetensors.torch import save_file
 
-    from ..tokenizer.gpt2 import GPT2_VOCAB_SIZE
-    from ..tokenizer.hf_files import write_gpt2_tokenizer
-
     model = unwrap_model(model)
     folder = Path(folder)
-    write_json(folder / "config.json", hf_config(model.config))
-    write_json(folder / "generation_config.json", hf_generation_config(model.config))
+    tokenizer = getattr(model, "tokenizer", None)
+    write_json(folder / "config.json", hf_config(model.config, tokenizer))
+    write_json(folder / "generation_config.json", hf_generation_config(model.config, tokenizer))
     with atomic_path(folder / SAFETENSORS_NAME) as tmp:
         save_file(hf_state(model), str(tmp), metadata={"format": "pt"})
-    if model.config.vocab_size == GPT2_VOCAB_SIZE:
-        write_gpt2_tokenizer(folder, model.config.context_length)
+    if tokenizer is not None or model.config.vocab_size == GPT2_VOCAB_SIZE:
+        write_hf_tokenizer(as_tokenizer(tokenizer), folder, model.config.context_length)
     else:
-        warnings.warn(f"no tokenizer files written: the model's vocabulary ({model.config.vocab_size}) is not "
-                      f"GPT-2's ({GPT2_VOCAB_SIZE}); add its own tokenizer files to {folder}", stacklevel=2)
+        warnings.warn(f"no tokenizer files written: the model has no tokenizer of its own and its vocabulary "
+                      f"({model.config.vocab_size}) is not GPT-2's ({GPT2_VOCAB_SIZE}); add its own tokenizer "
+                      f"files to {folder}", stacklevel=2)
     return folder

@@ -1,4 +1,5 @@
-"""gptlab's own model format: `config.json` (GPTConfig) + `model.safetensors` (weights).
+"""gptlab's own model format: `config.json` (GPTConfig) + `model.safetensors` (weights), plus the model's
+tokenizer (`tokenizer.json` + `tokenizer_config.json`) unless it is GPT-2's, which needs no files.
 
 A tied LM head is stored once (as the token embedding): safetensors refuses tensors that share
 memory, and the copy would only waste space.
@@ -19,6 +20,8 @@ from ..errors import GptlabError, UsageError
 from ..model import GPTModel, unwrap_model
 from ..storage.files import atomic_path
 from ..storage.safe_load import check_tensor_set, inspect_safetensors
+from ..tokenizer import BPETokenizer, Tokenizer, as_tokenizer, get_tokenizer, has_tokenizer, write_tokenizer
+from ..tokenizer.gpt2 import GPT2_NAME
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -48,17 +51,25 @@ def _write_weights(config: GPTConfig, state: dict[str, torch.Tensor], path: str 
 
 
 def save_model(model: GPTModel, folder: str | os.PathLike) -> Path:
-    """Save `config.json` + `model.safetensors` into `folder` (created if needed)."""
-    return save_state(unwrap_model(model).config, model_state_for_saving(model), folder)
+    """Save `config.json` + `model.safetensors` into `folder` (created if needed), and the model's tokenizer
+    (`model.tokenizer`) when it is not GPT-2's."""
+    inner = unwrap_model(model)
+    return save_state(inner.config, model_state_for_saving(model), folder, getattr(inner, "tokenizer", None))
 
 
-def save_state(config: GPTConfig, state: dict[str, torch.Tensor], folder: str | os.PathLike) -> Path:
-    """Write a full, plainly named state dict (e.g. gathered from several ranks) as gptlab's model format."""
+def save_state(config: GPTConfig, state: dict[str, torch.Tensor], folder: str | os.PathLike,
+               tokenizer: Tokenizer | None = None) -> Path:
+    """Write a full, plainly named state dict (e.g. gathered from several ranks) as gptlab's model format,
+    with the model's tokenizer (None: GPT-2's; tokenizer files left from another model are removed)."""
     folder = Path(folder)
+    tok = as_tokenizer(tokenizer)
+    if tok.name != GPT2_NAME:
+        check_vocabulary(config, tok, "the model to save")
     if config.tie_embeddings:  # the head is the embedding: stored once
         state = {k: v for k, v in state.items() if k != "out_head.weight"}
     config.save(folder / CONFIG_NAME)
     _write_weights(config, {k: v.detach().to("cpu").contiguous() for k, v in state.items()}, folder / WEIGHTS_NAME)
+    write_tokenizer(tok, folder)
     return folder
 
 
@@ -119,7 +130,8 @@ def read_safetensors(
 
 
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> GPTModel:
-    """Load a model saved by `save_model` (a folder holding config.json and model.safetensors)."""
+    """Load a model saved by `save_model` (a folder holding config.json and model.safetensors, and the
+    tokenizer files of a model that does not use GPT-2's tokenizer, which become `model.tokenizer`)."""
     folder = Path(folder)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
@@ -129,4 +141,29 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
         model = GPTModel(config)
     state = read_safetensors(folder / WEIGHTS_NAME, config, model)
     load_state_into(model, state, str(folder / WEIGHTS_NAME), assign=True)
+    model.tokenizer = stored_tokenizer(folder, config)
     return model.to(device)
+
+
+def stored_tokenizer(folder: str | os.PathLike, config: GPTConfig | None = None) -> Tokenizer | None:
+    """The tokenizer a model folder (gptlab's or Hugging Face's) holds, checked against the model's
+    vocabulary; None when it holds none or GPT-2's."""
+    folder = Path(folder)
+    if not (has_tokenizer(folder) or (folder / "vocab.json").is_file()):
+        return None
+    tok = get_tokenizer(folder)
+    if tok.name == GPT2_NAME:
+        return None
+    if config is not None:
+        check_vocabulary(config, tok, folder)
+    return tok
+
+
+def check_vocabulary(config: GPTConfig, tok: Tokenizer, where: str | os.PathLike) -> None:
+    """A model's tokenizer must fit its vocabulary: exactly for gptlab's tokenizers, at most for imported
+    ones (Hugging Face models may pad their vocabulary)."""
+    imported = isinstance(tok, BPETokenizer) and "imported_from" in tok.record
+    if tok.n_vocab > config.vocab_size or (tok.n_vocab != config.vocab_size and not imported):
+        raise UsageError(f"{where}: the tokenizer ({tok.name}) has {tok.n_vocab:,} tokens but the model's "
+                         f"vocab_size is {config.vocab_size:,}; the tokenizer files belong to another model: "
+                         "restore the model's own")

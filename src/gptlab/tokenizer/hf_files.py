@@ -19,24 +19,10 @@ import os
 from pathlib import Path
 
 from ..storage.files import atomic_open, write_json
-from .gpt2 import ENDOFTEXT, EOT_ID, GPT2_VOCAB_SIZE, gpt2_vocab_files
-
-# transformers' own "no limit" value for model_max_length
-NO_MAX_LENGTH = 1_000_000_000_000_000_019_884_624_838_656
-
-
-def hf_tokenizer_config(eot: str, model_max_length: int | None) -> dict:
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": eot,
-        "eos_token": eot,
-        "unk_token": eot,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length or NO_MAX_LENGTH,
-    }
+from .base import ENDOFTEXT, Tokenizer
+from .bpe import BPETokenizer
+from .folder import hf_tokenizer_config, write_tokenizer
+from .gpt2 import EOT_ID, GPT2_NAME, GPT2_VOCAB_SIZE, gpt2_vocab_files
 
 
 def portable_tokenizer_json(tokenizer) -> str:
@@ -74,3 +60,22 @@ def write_gpt2_tokenizer(folder: str | os.PathLike, model_max_length: int | None
     write_json(folder / "tokenizer_config.json", hf_tokenizer_config(ENDOFTEXT, model_max_length))
     write_json(folder / "special_tokens_map.json", {k: ENDOFTEXT for k in ("bos_token", "eos_token", "unk_token")})
     return ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def write_hf_tokenizer(tok: Tokenizer, folder: str | os.PathLike, model_max_length: int | None = None) -> list[str]:
+    """Write the tokenizer files of a Hugging Face folder for any gptlab tokenizer; returns their names.
+
+    GPT-2: its files above. A byte-level BPE: its tokenizer.json byte for byte, tokenizer_config.json
+    (with gptlab's record, so gptlab reads the folder back as the same tokenizer) and special_tokens_map.json.
+    """
+    if not isinstance(tok, BPETokenizer):
+        if tok.name != GPT2_NAME:
+            raise ValueError(f"tokenizer {tok.name} has no Hugging Face files")
+        return write_gpt2_tokenizer(folder, model_max_length)
+    names = write_tokenizer(tok, folder, model_max_length)
+    special_map: dict = {key: tok.eot_token for key in ("bos_token", "eos_token", "unk_token")}
+    others = [s for s in tok.special_tokens if s != tok.eot_token]
+    if others:
+        special_map["additional_special_tokens"] = others
+    write_json(Path(folder) / "special_tokens_map.json", special_map)
+    return [*names, "special_tokens_map.json"]

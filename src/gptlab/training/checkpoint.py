@@ -206,7 +206,7 @@ def save_training_state(out_dir: Path, model: nn.Module, optimizer: torch.optim.
     if lora_layers(model):  # the model folder holds plain weights, adapters merged; the checkpoint keeps them apart
         model_state = merged_state_dict(model, model_state)
     if model_state is not None:
-        save_state(unwrap_model(model).config, model_state, out_dir)
+        save_state(unwrap_model(model).config, model_state, out_dir, getattr(unwrap_model(model), "tokenizer", None))
     else:
         save_model(unwrap_model(model), out_dir)
     write_metrics(out_dir / METRICS_NAME, state.metrics)

@@ -30,8 +30,10 @@ from torch.utils.data import DataLoader
 
 from .. import faults
 from ..errors import UsageError
+from ..evaluate import bytes_per_token
 from ..hardware import keep_freed_memory, peak_tflops, resolve_device
 from ..model import flops_per_token, unwrap_model
+from ..tokenizer import tokenizer_of
 from .checkpoint import CHECKPOINT_NAME, restore_rng_state, restore_training_state, save_training_state
 from .distributed import is_main_process
 from .optim import Precision, build_optimizer, lr_at, make_precision, planned_steps, set_lr
@@ -118,6 +120,7 @@ class _Run:
     sync_every: int = 1  # steps between the host's looks at the loss
     on_device: bool = False  # the non-finite check stays on the device between looks (train_step)
     unsynced: list = dataclasses.field(default_factory=list)  # (step, loss tensor, tokens) not looked at yet
+    val_bytes_per_token: float | None = None  # of the validation set: val_bpb = val_loss / ln 2 / this
     last_sample_step: int = 0
     interrupted: bool = False
     sample: SampleFn | None = None
@@ -171,7 +174,16 @@ def _start(model, train_loader, val_loader, cfg: TrainConfig, optimizer, device,
     return _Run(model, optimizer, train_loader, val_loader, cfg, device, precision, out, n_batches, total_steps,
                 decay_steps, state, report, dict(run_info or {}), loader_state, _loader_rng(train_loader),
                 last_lr=lr_at(max(state.step - 1, 0), cfg, decay_steps), sync_every=sync_every,
-                on_device=sync_every > 1 and steps_on_device(optimizer, precision))
+                on_device=sync_every > 1 and steps_on_device(optimizer, precision),
+                val_bytes_per_token=_val_bytes_per_token(model, val_loader))
+
+
+def _val_bytes_per_token(model: nn.Module, val_loader: DataLoader) -> float | None:
+    """Bytes per token of the validation set under the model's tokenizer (None if the two do not fit)."""
+    tok = tokenizer_of(model)
+    if unwrap_model(model).config.vocab_size != tok.n_vocab:
+        return None  # ids from some other tokenizer: their bytes are unknown
+    return bytes_per_token(val_loader, tok)
 
 
 def _run_epoch(run: _Run, stop: StopRequest, on_step: Callable[[TrainState], None] | None) -> None:
@@ -260,14 +272,18 @@ def _evaluate(run: _Run) -> None:
     record = {
         "step": state.step, "epoch": round(state.epoch + state.batches_done / run.n_batches, 4),
         "tokens_seen": state.tokens_seen, "train_loss": train_loss, "val_loss": val_loss,
-        "lr": run.last_lr, "elapsed_s": round(run.elapsed(), 3),
     }
+    if run.val_bytes_per_token:
+        record["val_bpb"] = val_loss / math.log(2) / run.val_bytes_per_token
+    record.update({"lr": run.last_lr, "elapsed_s": round(run.elapsed(), 3)})
     extra = run.extra_metrics(run.model) if run.extra_metrics is not None else {}
     record.update(extra)
     state.metrics.append(record)
     epoch = max(1, state.epoch + (1 if state.batches_done else 0))
     more = "".join(f", {k.replace('_', ' ').capitalize()} {v:.3f}" for k, v in extra.items() if isinstance(v, float))
-    run.report.log(f"Ep {epoch} (Step {state.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}{more}")
+    bpb = f", Val bpb {record['val_bpb']:.3f}" if "val_bpb" in record else ""
+    run.report.log(f"Ep {epoch} (Step {state.step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+                   f"{bpb}{more}")
     if run.out is not None and is_main_process():
         write_metrics(run.out / METRICS_NAME, state.metrics)
 

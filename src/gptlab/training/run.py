@@ -1,8 +1,8 @@
 """A training run on disk, as `gptlab train` makes it: check the folder, read the data, build the
 model, lock the folder and hand everything to the loop (`training.loop.train`).
 
-A run folder is also a model folder (config.json + model.safetensors), so `gptlab eval` and
-`gptlab generate` take it as `--model`. Everything is validated before the folder is touched, so a
+A run folder is also a model folder (config.json + model.safetensors, and the tokenizer's files when
+it is not GPT-2's), so `gptlab eval` and `gptlab generate` take it as `--model`. Everything is validated before the folder is touched, so a
 bad option never leaves a half-made run behind.
 
 The steps (`open_run_folder`, `start_run`, `check_model`, `check_data`, `fix_schedule`, `launch`) are
@@ -40,12 +40,23 @@ from ..data.tokenfile import META_NAME, TRAIN_NAME, VAL_NAME
 from ..errors import GptlabError, UsageError
 from ..hardware import resolve_device
 from ..model import GPTModel, unwrap_model
-from ..pretrained import load_pretrained
+from ..pretrained import load_pretrained, model_tokenizer
 from ..pretrained.native import CONFIG_NAME, WEIGHTS_NAME
 from ..pretrained.resolve import RANDOM_PREFIX, is_random_spec, load_model_arg, resolve_config
 from ..storage.download import sha256_file
 from ..storage.files import RunLock, remove_stale_temp_files, write_json
-from ..tokenizer import ENDOFTEXT, decode
+from ..tokenizer import (
+    Tokenizer,
+    as_tokenizer,
+    get_tokenizer,
+    has_tokenizer,
+    same_tokenizer,
+    tokenizer_of,
+    write_tokenizer,
+)
+from ..tokenizer.base import describe
+from ..tokenizer.folder import TOKENIZER_FILES
+from ..tokenizer.gpt2 import GPT2_NAME
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, check_same_config, read_checkpoint
 from .loop import train
@@ -54,13 +65,13 @@ from .report import METRICS_NAME, PLOT_NAME
 from .settings import RunConfig, TrainConfig, TrainResult, split_settings
 
 TRAIN_CONFIG_NAME = "train_config.json"
-RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, TRAIN_CONFIG_NAME, METRICS_NAME, PLOT_NAME)
+RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, TRAIN_CONFIG_NAME, METRICS_NAME, PLOT_NAME, *TOKENIZER_FILES)
 # The main job's sample after each epoch: how the built-in corpus (Python's docs) often begins a sentence.
 BUILTIN_SAMPLE_PROMPT = "A function"
 # Settings that fix the data order and the model: a resumed run must keep them.
 FIXED_ON_RESUME = ("data", "val_fraction", "batch_size", "context_length", "stride", "init", "grad_accum", "seed")
 # Settings that name files or folders: stored absolute (`absolute_paths`).
-PATH_SETTINGS = ("data", "model", "init", "val_data", "adapter")
+PATH_SETTINGS = ("data", "model", "init", "val_data", "adapter", "tokenizer")
 
 
 def run_training(run_cfg: RunConfig, cfg: TrainConfig, out: str | os.PathLike | None = None, *,
@@ -72,14 +83,15 @@ def run_training(run_cfg: RunConfig, cfg: TrainConfig, out: str | os.PathLike | 
     else:
         run_cfg = absolute_paths(run_cfg)
         run_cfg = dataclasses.replace(run_cfg, data_files=record_data(run_cfg.data))
+    tokenizer, run_cfg = run_tokenizer(run_cfg, out, resume)
     start = start_run(out, cfg, run_cfg.strategy, resume, log)
-    model = build_model(run_cfg)
-    check_model(start, model.config)
-    split = prepare_data(run_cfg, cfg.seed, model.config, start.info.device)
+    model = build_model(run_cfg, tokenizer)
+    check_model(start, model)
+    split = prepare_data(run_cfg, cfg.seed, model.config, start.info.device, tokenizer)
     check_data(start, split.fingerprint)
     if cfg.sample_prompt is None:
         cfg = dataclasses.replace(cfg, sample_prompt=BUILTIN_SAMPLE_PROMPT if not run_cfg.data else
-                                  validation_start(split))
+                                  validation_start(split, tokenizer))
     cfg = fix_schedule(cfg, len(split.train_loader))
     _log_plan(start.log, split, run_cfg, model, start.info, start.strategy, start.out)
     return launch(start, model, cfg, split.train_loader, split.val_loader,
@@ -122,11 +134,12 @@ def start_run(out: Path, cfg: TrainConfig, strategy: str | None, resume: bool, l
     return RunStart(out, info, strategy, checkpoint, log)
 
 
-def check_model(start: RunStart, config: GPTConfig) -> None:
-    """A resumed run must have the checkpoint's model and number of ranks."""
+def check_model(start: RunStart, model: GPTModel) -> None:
+    """A resumed run must have the checkpoint's model, tokenizer and number of ranks."""
     if start.checkpoint is not None:
-        check_same_config(start.checkpoint, config, f"checkpoint in {start.out}")
+        check_same_config(start.checkpoint, model.config, f"checkpoint in {start.out}")
         D.check_world_size(start.checkpoint["extra"].get("world_size", 1))
+        check_run_tokenizer(start.checkpoint["extra"].get("tokenizer"), tokenizer_of(model), start.out)
 
 
 def check_data(start: RunStart, fingerprint: str) -> None:
@@ -160,9 +173,11 @@ def launch(start: RunStart, model: torch.nn.Module, cfg: TrainConfig, train_load
             if write_files is not None:
                 write_files(start.out)
         with D.translate_errors(info.rank):
+            tokenizer = tokenizer_of(unwrap_model(model))
+            run_info = {**(run_info or {}), "world_size": info.world_size,
+                        "tokenizer": {"name": tokenizer.name, "sha256": tokenizer.sha256}}
             result = train(model, train_loader, val_loader, cfg, device=info.device, out_dir=start.out,
-                           resume=start.checkpoint is not None,
-                           run_info={**(run_info or {}), "world_size": info.world_size}, **hooks)
+                           resume=start.checkpoint is not None, run_info=run_info, **hooks)
             if after is not None:
                 after(model, result)
     return result
@@ -175,7 +190,8 @@ def _log_plan(log, split: DataSplit, run_cfg: RunConfig, model: GPTModel, info: 
         + (f" on each of {info.world_size} ranks ({strategy})" if info.world_size > 1 else ""))
     origin = "random weights" if not run_cfg.init and is_random_spec(run_cfg.model) else \
         f"the weights of {run_cfg.init or run_cfg.model}"
-    log(f"model: {model.num_parameters():,} parameters, from {origin}; device {info.device}; output {out}")
+    log(f"model: {model.num_parameters():,} parameters, from {origin}; tokenizer {describe(tokenizer_of(model))}; "
+        f"device {info.device}; output {out}")
 
 
 def _write_run_files(out: Path, resume: bool, model: torch.nn.Module, settings: dict,
@@ -185,14 +201,16 @@ def _write_run_files(out: Path, resume: bool, model: torch.nn.Module, settings: 
         remove_run_files(out, run_files)
     remove_stale_temp_files(out)
     unwrap_model(model).config.save(out / CONFIG_NAME)
+    write_tokenizer(tokenizer_of(unwrap_model(model)), out)
     write_json(out / TRAIN_CONFIG_NAME, settings)
 
 
-def validation_start(split: DataSplit, words: int = 4) -> str:
+def validation_start(split: DataSplit, tokenizer: Tokenizer | None = None, words: int = 4) -> str:
     """The first few words of the validation text: a sample prompt that belongs to the user's own corpus."""
     dataset = split.val_loader.dataset
     ids = dataset.token_ids if hasattr(dataset, "token_ids") else dataset.tokens
-    text = decode([int(i) for i in ids[:32]]).replace(ENDOFTEXT, " ").replace("\ufffd", "")
+    tok = as_tokenizer(tokenizer)
+    text = tok.decode([int(i) for i in ids[:32]]).replace(tok.eot_token, " ").replace("\ufffd", "")
     start = " ".join(text.split()[:words])
     return start if len(start) <= 40 else start[:12]  # scripts written without spaces: a few characters
 
@@ -267,13 +285,24 @@ def resume_settings(out: Path, explicit: dict, run_cls: type = RunConfig,
                 f"{flag} cannot change when resuming (the run used {saved[name]!r}); "
                 "leave it out, or start a new run in another --out"
             )
+    if "tokenizer" in explicit:
+        check_same_tokenizer(explicit.pop("tokenizer"), out)
     return split_settings({**saved, **explicit}, run_cls)
+
+
+def check_same_tokenizer(spec: str, out: Path) -> None:
+    """--tokenizer given again on --resume must be the run's own (compared by identity, not by path)."""
+    given, own = get_tokenizer(spec), get_tokenizer(out)
+    if not same_tokenizer(given, own):
+        raise UsageError(f"--tokenizer cannot change when resuming (the run used {own.name}, not {given.name}); "
+                         "leave it out, or start a new run in another --out")
 
 
 def absolute_paths(run_cfg: Any) -> Any:
     """Data, --model and --init paths (and any other in PATH_SETTINGS the settings have) made absolute, so
     that a run resumes from any working folder. Corpus and model names stay names."""
-    changes = {name: _absolute_if_path(getattr(run_cfg, name)) for name in PATH_SETTINGS if hasattr(run_cfg, name)}
+    changes = {name: _absolute_if_path(getattr(run_cfg, name)) for name in PATH_SETTINGS if hasattr(run_cfg, name)
+               and getattr(run_cfg, name) != GPT2_NAME}  # `gpt2` names GPT-2's tokenizer, not a folder
     return dataclasses.replace(run_cfg, **changes)
 
 
@@ -320,18 +349,54 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(run_cfg: RunConfig) -> GPTModel:
+def build_model(run_cfg: RunConfig, tokenizer: Tokenizer | None = None) -> GPTModel:
     """The model to train: random weights for an architecture (a preset, a config.json, random:NAME), or
-    the weights --init (or --model) names, as every verb reads --model (pretrained/resolve.py)."""
+    the weights --init (or --model) names, as every verb reads --model (pretrained/resolve.py). A fresh
+    model's vocabulary is the tokenizer's (GPT-2's by default); existing weights must share its tokenizer."""
+    tok = as_tokenizer(tokenizer)
     spec = run_cfg.init or run_cfg.model
     if run_cfg.init or not is_random_spec(spec):
-        return load_init(spec, run_cfg.drop_rate)
+        base = load_init(spec, run_cfg.drop_rate)
+        if not same_tokenizer(tokenizer_of(base), tok):
+            raise UsageError(f"{spec} was trained with tokenizer {tokenizer_of(base).name}, not {tok.name}; leave "
+                             "--tokenizer out to continue with the model's own")
+        return base
     config = resolve_config(spec)
     context = run_cfg.context_length or config.context_length
     check_context(context, config.context_length)
     # A fresh model gets exactly the training context: positions it never trains on would be noise.
-    return GPTModel(config.replace(context_length=context, drop_rate=run_cfg.drop_rate,
-                                   vocab_multiple=run_cfg.vocab_multiple))
+    model = GPTModel(config.replace(context_length=context, drop_rate=run_cfg.drop_rate,
+                                    vocab_multiple=run_cfg.vocab_multiple, vocab_size=tok.n_vocab))
+    model.tokenizer = None if tok.name == GPT2_NAME else tok
+    return model
+
+
+def run_tokenizer(run_cfg: RunConfig, out: Path, resume: bool) -> tuple[Tokenizer, RunConfig]:
+    """The run's tokenizer, and the settings with the choice recorded (a resumed run: its own copy in `out`).
+
+    New run: --tokenizer; else the tokenizer of --init's (or --model's) weights; else the one stored in a
+    prepared --data folder; else GPT-2's.
+    """
+    if resume:
+        return get_tokenizer(out), run_cfg
+    spec = run_cfg.tokenizer
+    weights = run_cfg.init or (None if is_random_spec(run_cfg.model) else run_cfg.model)
+    folder = prepared_folder(run_cfg.data)
+    if spec is None and weights is not None:
+        tok = model_tokenizer(weights)
+        spec = weights
+    else:
+        if spec is None and folder is not None and has_tokenizer(folder):
+            spec = str(folder)
+        tok = get_tokenizer(spec)
+    return tok, dataclasses.replace(run_cfg, tokenizer=GPT2_NAME if tok.name == GPT2_NAME else spec)
+
+
+def check_run_tokenizer(saved: dict | None, tokenizer: Tokenizer, out: Path) -> None:
+    """The tokenizer files of a run folder must still be those the run started with."""
+    if saved and (saved.get("name"), saved.get("sha256")) != (tokenizer.name, tokenizer.sha256):
+        raise UsageError(f"the tokenizer in {out} ({tokenizer.name}) is not the one the run was trained with "
+                         f"({saved.get('name')}); restore its tokenizer.json and tokenizer_config.json")
 
 
 def load_init(spec: str, drop_rate: float | None = None, allow_random: bool = False) -> GPTModel:
@@ -343,6 +408,7 @@ def load_init(spec: str, drop_rate: float | None = None, allow_random: bool = Fa
         return base
     model = GPTModel(config)
     model.load_state_dict(base.state_dict())
+    model.tokenizer = base.tokenizer
     return model
 
 
@@ -353,22 +419,23 @@ def check_context(context: int, maximum: int) -> None:
 
 
 def prepare_data(run_cfg: RunConfig, seed: int, model_config: GPTConfig,
-                 device: torch.device | None = None) -> DataSplit:
+                 device: torch.device | None = None, tokenizer: Tokenizer | None = None) -> DataSplit:
     """Train and validation loaders: a prepared folder's token files, or text files tokenized now."""
     context = run_cfg.context_length or model_config.context_length
     check_context(context, model_config.context_length)
+    tok = as_tokenizer(tokenizer)
     folder = prepared_folder(run_cfg.data)
     if folder is not None:  # memory-mapped token files; each rank reads its own share of every global batch
         return prepared_split(folder, context_length=context, stride=run_cfg.stride, batch_size=run_cfg.batch_size,
                               seed=seed, vocab_size=model_config.vocab_size, rank=D.get_rank(),
-                              world_size=D.get_world_size(), device=device)
+                              world_size=D.get_world_size(), device=device, tokenizer=tok)
     if D.get_world_size() > 1:
         raise UsageError("training on several ranks reads a prepared folder (each rank its own windows); "
                          "run gptlab prepare --data ... --out DIR, then train with --data DIR")
-    ids = tokenize_documents(load_documents(run_cfg.data))
+    ids = tokenize_documents(load_documents(run_cfg.data), tok)
     if ids.numel() and int(ids.max()) >= model_config.vocab_size:
-        raise UsageError(f"the model's vocabulary ({model_config.vocab_size}) is smaller than the GPT-2 "
-                         "tokenizer's (50257); use vocab_size 50257")
+        raise UsageError(f"the model's vocabulary ({model_config.vocab_size}) is smaller than its tokenizer's "
+                         f"({tok.name}, {tok.n_vocab}); use vocab_size {tok.n_vocab}")
     return make_loaders(ids, batch_size=run_cfg.batch_size, max_length=context, stride=run_cfg.stride,
                         val_fraction=run_cfg.val_fraction, seed=seed, num_workers=run_cfg.num_workers)
 

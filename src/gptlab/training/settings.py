@@ -162,6 +162,10 @@ class RunConfig(_Settings):
     stride: int | None = setting(None, "step between windows (default: the context length)", "positive",
                                  group="data")
     num_workers: int = setting(0, "data-loader worker processes", "count", group="data")
+    tokenizer: str | None = setting(None, "gpt2, or a folder holding a tokenizer (made by gptlab tokenizer train, "
+                                    "or a model or run folder); the model's vocabulary follows it (default: the "
+                                    "tokenizer of --init's model, else of a prepared --data folder, else gpt2)",
+                                    "text", group="data")
     data_files: list[dict] | None = setting(None, "every file the run reads, with its size and sha256: checked when "
                                             "the run resumes", cli=False)
     model: str = setting("gpt-nano", "the architecture to train from random weights: a preset name or a "

@@ -13,7 +13,7 @@ from .. import faults
 from ..evaluate import calc_loss_batch, calc_loss_loader
 from ..generation.generate import generate
 from ..model import unwrap_model
-from ..tokenizer import text_to_token_ids, token_ids_to_text
+from ..tokenizer import text_to_token_ids, token_ids_to_text, tokenizer_of
 from .distributed import all_reduce_mean, all_reduce_mean_tensor, get_world_size, gradient_sync
 from .optim import Precision
 from .settings import TrainConfig
@@ -111,8 +111,9 @@ def sample_text(
     samples does not change the training run (and a resumed run stays bit-exact).
     """
     inner = unwrap_model(model)
-    ids = text_to_token_ids(prompt).to(device)
+    tokenizer = tokenizer_of(inner)
+    ids = text_to_token_ids(prompt, tokenizer).to(device)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     out = generate(inner, ids, max_new_tokens=max_new_tokens, context_size=inner.config.context_length,
                    temperature=temperature, top_k=top_k, generator=generator)
-    return token_ids_to_text(out).replace("\n", " ")
+    return token_ids_to_text(out, tokenizer).replace("\n", " ")
