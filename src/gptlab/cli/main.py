@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": "eval",
     "generate": "generate",
     "sampling-plot": "sampling_plot",
+    "serve": "serve",
 }
 
 
