@@ -6,7 +6,6 @@ Needs the `serve` extra (FastAPI and uvicorn): `pip install 'gptlab[serve]'`. Th
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 from .common import add_device_arg, pick_device, positive_int
 
@@ -47,9 +46,11 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
 
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise UsageError(f"gptlab serve needs {' and '.join(missing)}: pip install 'gptlab[serve]'")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"gptlab serve needs FastAPI and uvicorn ({exc}): pip install 'gptlab[serve]'") from None
     import torch
 
     from ..serve.server import bind, load_served, serve, setup_logging

@@ -49,8 +49,16 @@ def display(tid: int) -> str:
     text = _text_of(data)
     if text is None:
         return f"<{_hex(data)}>"
-    return "".join(_ESCAPES.get(ch, f"\\x{ord(ch):02x}" if ch.isascii() and not ch.isprintable() else ch)
-                   for ch in text)
+    return "".join(_escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    """Invisible characters (controls, zero-width and no-break spaces) as escapes; the plain space stays."""
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    if ch == " " or ch.isprintable():
+        return ch
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
 
 
 def token_info(tid: int) -> dict:
