@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import time
 
 import httpx
 import pytest
@@ -186,6 +188,10 @@ def test_playground_files_are_served(server):
 
 
 def test_every_request_is_logged_on_one_line(server, client):
-    client.completions.create(model="tiny", prompt="Log me", max_tokens=3, temperature=0)
-    lines = [line for line in server.log.splitlines() if "POST /v1/completions 200" in line]
-    assert lines and lines[-1].split()[-2:-1] != [] and "+3 tokens" in lines[-1] and lines[-1].endswith("s")
+    client.completions.create(model="tiny", prompt="Log me please", max_tokens=3, temperature=0)
+    pattern = re.compile(r"^\d\d:\d\d:\d\d POST /v1/completions 200 3\+3 tokens \d+\.\d{3}s$", re.M)
+    deadline = time.monotonic() + 10  # the line is written once the handler has returned
+    while not pattern.search(server.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pattern.search(server.log), server.log[-2000:]
+    assert re.search(r"^\d\d:\d\d:\d\d GET /v1/models 200 \d+\.\d{3}s$", server.log, re.M)

@@ -244,27 +244,42 @@ async def _gather(run: Run, echo: bool) -> list[Choice]:
     return choices
 
 
-async def _completion_stream(run: Run, req, envelope: Envelope):
-    """SSE chunks of a streamed completion, then usage (if asked) and [DONE]; an error after the start is
-    one `data: {"error": ...}` event. A client that goes away cancels the run (finally)."""
+def _completion_stream(run: Run, req, envelope: Envelope):
+    """SSE chunks of a streamed completion: echo's prompt first, then one chunk per generated token."""
     logprobs, ids = req.sampling.logprobs is not None, req.return_token_ids
-    extra = {"prompt_token_ids": req.prompts[0] if len(req.prompts) == 1 else req.prompts} \
+    first = {"prompt_token_ids": req.prompts[0] if len(req.prompts) == 1 else req.prompts} \
         if req.return_prompt_ids or ids else {}
+    head = []
+    if req.echo and req.sampling.prompt_logprobs is None:  # with logprobs, the prompt comes scored (PromptScores)
+        head = [[{"index": i, "text": prompt_offsets(_prompt_of(run, i))[0], "logprobs": None, "finish_reason": None}
+                 for i in range(run.total)]]
+
+    def choices_of(event) -> list[dict]:
+        if isinstance(event, PromptScores):
+            text, offsets = prompt_offsets(_prompt_of(run, event.indices[0]))
+            scores = completion_logprobs(event.logprobs, offsets)
+            return [{"index": i, "text": text, "logprobs": scores, "finish_reason": None} for i in event.indices]
+        return [completion_chunk_choice(event, logprobs, ids)]
+
+    return _event_stream(run, envelope, req.include_usage, choices_of, head, first)
+
+
+async def _event_stream(run: Run, envelope: Envelope, include_usage: bool, choices_of, head: list, first: dict):
+    """`data: {...}` per event (the first chunk carries `first`), the usage if asked, then `data: [DONE]`.
+
+    An error after the stream began is one `data: {"error": ...}` event (no [DONE]); a client that goes
+    away ends the generator (finally), which cancels the run at the scheduler's next step.
+    """
     try:
-        if req.echo and req.sampling.prompt_logprobs is None:
-            yield sse(envelope(choices=[{"index": i, "text": prompt_offsets(_prompt_of(run, i))[0],
-                                         "logprobs": None, "finish_reason": None} for i in range(run.total)], **extra))
-            extra = {}
+        for choices in head:
+            yield sse(envelope(choices=choices, **first))
+            first = {}
         async for event in run.events():
-            if isinstance(event, PromptScores):
-                text, offsets = prompt_offsets(_prompt_of(run, event.indices[0]))
-                scores = completion_logprobs(event.logprobs, offsets)
-                choices = [{"index": i, "text": text, "logprobs": scores, "finish_reason": None} for i in event.indices]
-            else:
-                choices = [completion_chunk_choice(event, logprobs, ids)]
-            yield sse(envelope(choices=choices, **extra))
-            extra = {}
-        if req.include_usage:
+            choices = choices_of(event)
+            if choices:
+                yield sse(envelope(choices=choices, **first))
+                first = {}
+        if include_usage:
             yield sse(envelope(choices=[], usage=usage(run.prompt_tokens, run.completion_tokens)))
         yield sse("[DONE]")
     except ApiError as exc:
@@ -289,18 +304,14 @@ def _add_chat(app: FastAPI, served: Served) -> None:
                                      usage=usage(run.prompt_tokens, run.completion_tokens)))
 
 
-async def _chat_stream(run: Run, req, envelope: Envelope):
-    """Chat chunks: the assistant role first, then content deltas, the finish reason, usage, [DONE]."""
-    try:
-        yield sse(envelope(choices=[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None} for i in range(run.total)]))
-        async for event in run.events():
-            if isinstance(event, Delta) and (event.text or event.finish_reason or event.logprob):
-                yield sse(envelope(choices=[chat_chunk_choice(event, req.logprobs)]))
-        if req.include_usage:
-            yield sse(envelope(choices=[], usage=usage(run.prompt_tokens, run.completion_tokens)))
-        yield sse("[DONE]")
-    except ApiError as exc:
-        yield sse(exc.body())
-    finally:
-        run.cancel()
+def _chat_stream(run: Run, req, envelope: Envelope):
+    """Chat chunks: the assistant's role first, then content deltas and the finish reason."""
+    head = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+             for i in range(run.total)]]
+
+    def choices_of(event) -> list[dict]:
+        if isinstance(event, Delta) and (event.text or event.finish_reason or event.logprob):
+            return [chat_chunk_choice(event, req.logprobs)]
+        return []  # a token that completed no text yet (part of a character, or a possible stop string)
+
+    return _event_stream(run, envelope, req.include_usage, choices_of, head, {})
