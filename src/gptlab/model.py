@@ -310,10 +310,20 @@ class GPTModel(nn.Module):
         starts = cache.lengths[first : first + B]
         if len(starts) != B or len(counts) != B or not all(0 < n <= T for n in counts):
             raise UsageError(f"forward_slots: {B} rows need slots {first}..{first + B - 1} and counts in 1..{T}")
+        if max(starts) + T > cache.max_len:
+            raise UsageError(f"input reaches position {max(starts) + T}, past the cache's {cache.max_len}")
+        if T == 1 and self.cpu_decoder is not None and self.cpu_decoder.applies_rows(self, idx, cache):
+            logits = self.cpu_decoder.rows(self, idx, cache, first)  # every row in one pass of the C kernel
+        else:
+            logits = self._slot_logits(idx, cache, first, starts, counts)
+        for b, n in enumerate(counts):
+            cache.lengths[first + b] += n
+        return logits
+
+    def _slot_logits(self, idx: Tensor, cache: SlotKVCache, first: int, starts: list[int], counts: list[int]) -> Tensor:
+        """forward_slots in eager PyTorch."""
+        (B, T), dev = idx.shape, idx.device
         end = max(starts) + T
-        if end > cache.max_len:
-            raise UsageError(f"input reaches position {end}, past the cache's {cache.max_len}")
-        dev = idx.device
         pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         mask = (torch.arange(end, device=dev) <= pos[..., None])[:, None]  # (B, 1, T, end): keys up to itself
@@ -321,8 +331,6 @@ class GPTModel(nn.Module):
             x = block(x, mask, (cache.k[first : first + B, i], cache.v[first : first + B, i]), end - T, pos)
         last = torch.tensor(counts, device=dev) - 1
         logits = self.out_head(self.final_norm(x[torch.arange(B, device=dev), last]))
-        for b, n in enumerate(counts):
-            cache.lengths[first + b] += n
         return logits[..., : self.config.vocab_size]
 
     def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:

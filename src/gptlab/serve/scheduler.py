@@ -44,7 +44,7 @@ class Scheduler:
     def __init__(self, model: GPTModel, max_batch: int = 16, max_queue: int = 64, eos_id: int | None = None) -> None:
         self.model, self.max_batch, self.max_queue, self.eos_id = model, max_batch, max_queue, eos_id
         self.device = model.tok_emb.weight.device
-        self.cache = model.make_slot_cache(min(4, max_batch))  # grows (doubling) up to max_batch slots
+        self.cache = model.make_slot_cache(1)  # grows (doubling) up to max_batch slots as requests come
         self.running: list[Sequence] = []  # running[i] holds slot i
         self.waiting: collections.deque[Job] = collections.deque()
         self.explains: collections.deque[tuple[Callable, Callable]] = collections.deque()

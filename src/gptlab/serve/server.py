@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -110,6 +111,8 @@ def serve(served: Served, sock: socket.socket) -> int:
     config.app_served = served
     server = _Server(config)
     print(f"serving {served.name} on {url} (playground: {url}/)", flush=True)
+    if not ipaddress.ip_address(host.split("%")[0]).is_loopback:
+        log.warning("warning: %s is reachable from other machines and the server has no authentication", url)
     server.run(sockets=[sock])
     return 130 if server.force_exit else 0
 
