@@ -219,12 +219,12 @@ def generate_reference(model_spec: str, new_tokens: int, repeats: int) -> dict:
     """`gptlab generate`'s decoding loop in this process: TTFT, ITL and tokens/s, best of `repeats` runs."""
     import torch
 
-    from gptlab.generation.cpu import prepare_for_decoding
+    from gptlab.generation.decoding import prepare_for_decoding
     from gptlab.generation.generate import stream_generate
     from gptlab.pretrained.resolve import load_model_arg
     from gptlab.tokenizer import encode
 
-    model = prepare_for_decoding(load_model_arg(model_spec, warn_random=False))
+    model = prepare_for_decoding(load_model_arg(model_spec, purpose="serve"))
     ids = torch.tensor([encode(PROMPT)])
     runs = []
     for _ in range(repeats + 1):  # the first run warms up (kernel build, allocator)

@@ -1,4 +1,4 @@
-"""Batch-1 decoding on CPU in a small C kernel over repacked weights (`prepare_for_decoding`, generation/cpu.py).
+"""Batch-1 decoding on CPU in a small C kernel over repacked weights (`prepare_for_decoding`, generation/decoding.py).
 
 Decoding one token at batch 1 reads every weight once, so it runs at the speed the cores stream the
 weights. A matrix-vector product over nn.Linear's (out, in) rows needs two loads per cache line of

@@ -9,7 +9,6 @@ import signal
 import socket
 import sys
 import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +16,8 @@ import uvicorn
 
 from ..errors import UsageError
 from ..finetune.templates import load_template
-from ..generation.cpu import prepare_for_decoding
+from ..generation.decoding import prepare_for_decoding
+from ..hardware import warn_if_slow_bfloat16
 from ..pretrained.resolve import RANDOM_PREFIX, load_model_arg
 from ..tokenizer import EOT_ID
 from .app import Served, create_app
@@ -55,11 +55,9 @@ def model_name(spec: str) -> str:
 
 def load_served(spec: str, name: str | None, device, dtype: torch.dtype, kernel: str, limits: dict) -> Served:
     """The model of `--model spec`, prepared for decoding, its chat format, and a scheduler for it."""
-    with warnings.catch_warnings(record=True) as caught:  # one plain line each, as `gptlab generate` prints them
-        warnings.simplefilter("always")
-        model = prepare_for_decoding(load_model_arg(spec, device, dtype=dtype), kernel=kernel)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    if dtype == torch.bfloat16:
+        warn_if_slow_bfloat16(device)
+    model = prepare_for_decoding(load_model_arg(spec, device, dtype=dtype, purpose="serve"), kernel=kernel)
     path = Path(spec)
     template = None
     if not spec.startswith(RANDOM_PREFIX) and path.exists():

@@ -12,11 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..generation.explain import token_label
 from ..generation.sampling import next_token_probs
 from ..tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
-
-# Escapes that keep a token's display on one line (the page makes spaces visible itself).
-_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def token_bytes(tid: int) -> bytes | None:
@@ -44,21 +42,7 @@ def display(tid: int) -> str:
     if tid == EOT_ID:
         return ENDOFTEXT
     data = token_bytes(tid)
-    if data is None:
-        return f"<unknown id {tid}>"
-    text = _text_of(data)
-    if text is None:
-        return f"<{_hex(data)}>"
-    return "".join(_escape(ch) for ch in text)
-
-
-def _escape(ch: str) -> str:
-    """Invisible characters (controls, zero-width and no-break spaces) as escapes; the plain space stays."""
-    if ch in _ESCAPES:
-        return _ESCAPES[ch]
-    if ch == " " or ch.isprintable():
-        return ch
-    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}"
+    return f"<unknown id {tid}>" if data is None else token_label(data)
 
 
 def token_info(tid: int) -> dict:
