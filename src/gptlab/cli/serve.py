@@ -37,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
                    help="largest request body; larger ones are answered 413 (default 1 MiB)")
     p.add_argument("--cpu-kernel", choices=("auto", "on", "off"), default="auto",
-                   help="a lone request on CPU decodes in gptlab's C kernel, as `gptlab generate` does (default auto)")
+                   help="on CPU, decoding steps run in gptlab's C kernel: a lone request as `gptlab generate` runs it, "
+                   "several together in one pass (default auto: where it builds; off: eager PyTorch)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines (errors only)")
     add_device_arg(p)
     p.set_defaults(func=run)
