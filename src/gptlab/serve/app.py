@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..model import GPTModel
 from .chat import ChatFormat
@@ -90,13 +91,16 @@ async def read_json(request: Request, limit: int) -> dict:
     size, chunks = 0, []
     declared = request.headers.get("content-length", "")
     too_big = declared.isdigit() and int(declared) > limit
-    async for chunk in request.stream():
-        size += len(chunk)
-        too_big = too_big or size > limit
-        if too_big and size > 64 * limit:  # stop reading a runaway upload; the connection then closes
-            break
-        if not too_big:
-            chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            too_big = too_big or size > limit
+            if too_big and size > 64 * limit:  # stop reading a runaway upload; the connection then closes
+                break
+            if not too_big:
+                chunks.append(chunk)
+    except ClientDisconnect:  # the client left half-way through its body
+        raise ClientGone from None
     if too_big:
         raise ApiError(f"the request body is larger than this server's limit of {limit} bytes (--max-body-bytes)",
                        status=413, code="request_too_large")
