@@ -1,7 +1,7 @@
 """Serving speed: `gptlab serve` with 1, 4, 8 and 16 concurrent streaming clients, against `generate`.
 
     python bench/serve.py [--model random:gpt2-small] [--clients 1,4,8,16] [--requests 3] [--new-tokens 64]
-                          [--arrivals staggered|burst]
+                          [--arrivals staggered|burst] [--rounds 2] [--threads N] [--transformers]
 
 Starts `gptlab serve` in a subprocess (all cores, gptlab's defaults: the C kernel for a lone request,
 continuous batching beyond), then for each number of clients runs that many client threads, each
@@ -18,8 +18,9 @@ prompt waits for the others' prefills). Measured at the client, per phase:
 - inter-token latency (ITL): gaps between a request's consecutive chunks, p50 and p95.
 
 The reference is `gptlab generate`'s loop (`stream_generate` after `prepare_for_decoding`, the same
-path as the CLI) run in this process on the same model, prompt and length, while the server idles;
-it is run before and after the server phases and the better of the two is kept.
+path as the CLI) run in this process on the same model, prompt and length, while the server idles.
+`--rounds` rounds each run the reference, then every phase; each round's ratios compare numbers taken
+minutes apart at most, and the medians over rounds are reported (every round is kept in the JSON).
 
 `--transformers` also runs `transformers serve` (Hugging Face's OpenAI-compatible server; needs
 `accelerate`) on a random GPT2LMHeadModel of the same shape, with the GPT-2 tokenizer built offline
@@ -59,8 +60,8 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def start_server(model: str, max_batch: int) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+def start_server(model: str, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=str(threads))
     proc = subprocess.Popen([sys.executable, "-m", "gptlab", "serve", "--model", model, "--port", "0", "--quiet",
                              "--max-batch", str(max_batch)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env)
@@ -161,14 +162,14 @@ def hf_folder(folder: Path) -> Path:
     return folder
 
 
-def start_transformers(folder: Path, continuous: bool) -> tuple[subprocess.Popen, str]:
+def start_transformers(folder: Path, continuous: bool, threads: int) -> tuple[subprocess.Popen, str]:
     import socket
 
     with socket.socket() as s:  # a free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cli = Path(sys.executable).parent / "transformers"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     cmd = [str(cli), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     cmd.append("--continuous-batching" if continuous else "--no-continuous-batching")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -194,7 +195,7 @@ def transformers_phases(clients: list[int], args: argparse.Namespace) -> dict:
         for continuous in (False, True):
             key = "continuous_batching" if continuous else "default"
             try:
-                proc, url = start_transformers(folder, continuous)
+                proc, url = start_transformers(folder, continuous, args.threads)
             except (RuntimeError, OSError) as exc:
                 out[key] = {"error": str(exc)}
                 continue
@@ -215,25 +216,61 @@ def transformers_phases(clients: list[int], args: argparse.Namespace) -> dict:
     return out
 
 
-def generate_reference(model_spec: str, new_tokens: int, repeats: int) -> dict:
-    """`gptlab generate`'s decoding loop in this process: TTFT, ITL and tokens/s, best of `repeats` runs."""
-    import torch
+class Reference:
+    """`gptlab generate`'s decoding loop (`stream_generate` after `prepare_for_decoding`, as the CLI runs
+    it) in this process, on the same model, prompt and length; the model is loaded once."""
 
-    from gptlab.generation.decoding import prepare_for_decoding
-    from gptlab.generation.generate import stream_generate
-    from gptlab.pretrained.resolve import load_model_arg
-    from gptlab.tokenizer import encode
+    def __init__(self, model_spec: str, new_tokens: int) -> None:
+        import torch
 
-    model = prepare_for_decoding(load_model_arg(model_spec, purpose="serve"))
-    ids = torch.tensor([encode(PROMPT)])
-    runs = []
-    for _ in range(repeats + 1):  # the first run warms up (kernel build, allocator)
+        from gptlab.generation.decoding import prepare_for_decoding
+        from gptlab.pretrained.resolve import load_model_arg
+        from gptlab.tokenizer import encode
+
+        self.model = prepare_for_decoding(load_model_arg(model_spec, purpose="serve"))
+        self.ids, self.new_tokens = torch.tensor([encode(PROMPT)]), new_tokens
+        self.run()  # warm-up: the kernel's build, the allocator
+
+    def run(self) -> dict:
+        from gptlab.generation.generate import stream_generate
+
         start = time.perf_counter()
-        times = [time.perf_counter() for _ in stream_generate(model, ids, new_tokens, temperature=0.0)]
+        times = [time.perf_counter() for _ in stream_generate(self.model, self.ids, self.new_tokens, temperature=0.0)]
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-        runs.append({"ttft_ms": 1e3 * (times[0] - start), "itl_p50_ms": 1e3 * statistics.median(gaps),
-                     "tokens_per_s": len(times) / (times[-1] - start)})
-    return min(runs[1:], key=lambda r: r["itl_p50_ms"])
+        return {"ttft_ms": 1e3 * (times[0] - start), "itl_p50_ms": 1e3 * statistics.median(gaps),
+                "tokens_per_s": len(times) / (times[-1] - start)}
+
+
+def one_round(url: str, reference: Reference, clients: list[int], args: argparse.Namespace) -> dict:
+    """`generate` once, then every phase, and this round's ratios (a round's measurements are close in
+    time, so a machine whose speed drifts -- shared with other work -- skews them alike)."""
+    ref = reference.run()
+    phases, stagger = [], 0.0
+    for c in clients:
+        phases.append(phase(url, c, args.requests, args.new_tokens, args.arrivals == "staggered", stagger))
+        if args.arrivals == "staggered" and not stagger:  # a lone request's duration, from the first phase
+            stagger = phases[0]["wall_s"] / phases[0]["requests"]
+    by = {ph["clients"]: ph for ph in phases}
+    ratios = {}
+    if 1 in by and 8 in by:
+        ratios = {"throughput_8_over_1": by[8]["tokens_per_s"] / by[1]["tokens_per_s"],
+                  "ttft_p50_8_over_1": by[8]["ttft_p50_ms"] / by[1]["ttft_p50_ms"]}
+    if 1 in by:
+        ratios["itl_p50_1_over_generate"] = by[1]["itl_p50_ms"] / ref["itl_p50_ms"]
+    return {"generate": ref, "phases": phases, "ratios": ratios}
+
+
+def medians(rounds: list[dict]) -> dict:
+    """Each number's median over the rounds."""
+    def med(values):
+        return statistics.median(values)
+
+    phases = []
+    for i, first in enumerate(rounds[0]["phases"]):
+        phases.append({k: med([r["phases"][i][k] for r in rounds]) if isinstance(v, float) else v
+                       for k, v in first.items()})
+    return {"generate": {k: med([r["generate"][k] for r in rounds]) for k in rounds[0]["generate"]},
+            "phases": phases, "ratios": {k: med([r["ratios"][k] for r in rounds]) for k in rounds[0]["ratios"]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,39 +278,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="random:gpt2-small")
     p.add_argument("--clients", default="1,4,8,16")
     p.add_argument("--requests", type=int, default=3, help="requests per client per phase")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of (generate, every phase); medians reported")
     p.add_argument("--arrivals", choices=("staggered", "burst"), default="staggered")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--transformers", action="store_true", help="also measure `transformers serve` (needs accelerate)")
     p.add_argument("--transformers-clients", default="1,8")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="threads of the server and of the reference (default: every core)")
     args = p.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
-    before = generate_reference(args.model, args.new_tokens, repeats=2)
-    proc, url = start_server(args.model, max(clients))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    reference = Reference(args.model, args.new_tokens)
+    proc, url = start_server(args.model, max(clients), args.threads)
     try:
         for _ in range(2):  # warm-up: the kernel, the allocator, the first batched steps
             phase(url, 2, 1, 8)
-        phases, stagger = [], 0.0
-        for c in clients:
-            phases.append(phase(url, c, args.requests, args.new_tokens, args.arrivals == "staggered", stagger))
-            if args.arrivals == "staggered" and not stagger:  # a lone request's duration, from the first phase
-                stagger = phases[0]["wall_s"] / phases[0]["requests"]
+        rounds = [one_round(url, reference, clients, args) for _ in range(args.rounds)]
     finally:
         proc.terminate()
         proc.wait(60)
-    after = generate_reference(args.model, args.new_tokens, repeats=2)
-    reference = min(before, after, key=lambda r: r["itl_p50_ms"])
-    by = {ph["clients"]: ph for ph in phases}
-    ratios = {}
-    if 1 in by and 8 in by:
-        ratios = {"throughput_8_over_1": by[8]["tokens_per_s"] / by[1]["tokens_per_s"],
-                  "ttft_p50_8_over_1": by[8]["ttft_p50_ms"] / by[1]["ttft_p50_ms"]}
-    if 1 in by:
-        ratios["itl_p50_1_over_generate"] = by[1]["itl_p50_ms"] / reference["itl_p50_ms"]
     result = {"model": args.model, "new_tokens": args.new_tokens, "requests_per_client": args.requests,
-              "arrivals": args.arrivals,
-              "threads": os.cpu_count(), "generate": reference, "generate_runs": [before, after], "phases": phases,
-              "ratios": ratios}
+              "arrivals": args.arrivals, "threads": args.threads, **medians(rounds), "rounds": rounds}
     if args.transformers:
         result["transformers_serve"] = transformers_phases([int(c) for c in args.transformers_clients.split(",")],
                                                            args)
