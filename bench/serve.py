@@ -13,7 +13,8 @@ come and go at different steps; `burst` sends every client's first request at on
 length, so they also finish and restart together (the worst case for time to first token: every
 prompt waits for the others' prefills). Measured at the client, per phase:
 
-- aggregate throughput: every generated token / the phase's wall time;
+- aggregate throughput: every generated token / the phase's wall time, and in the steady state (from
+  the last client's first request to the first client's last token: every client busy);
 - time to first token (TTFT): request sent -> its first token's chunk received, p50 and p95;
 - inter-token latency (ITL): gaps between a request's consecutive chunks, p50 and p95.
 
@@ -108,7 +109,6 @@ def phase(url: str, clients: int, requests: int, new_tokens: int, staggered: boo
     results: list[dict] = []
     lock = threading.Lock()
     plan = lengths(new_tokens, requests * clients, staggered)
-
     errors: list[str] = []
 
     def client(i: int) -> None:
@@ -119,6 +119,7 @@ def phase(url: str, clients: int, requests: int, new_tokens: int, staggered: boo
             except (httpx.HTTPError, RuntimeError) as exc:
                 errors.append(str(exc))
                 return
+            r["client"] = i
             with lock:
                 results.append(r)
 
@@ -131,13 +132,24 @@ def phase(url: str, clients: int, requests: int, new_tokens: int, staggered: boo
     wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) failed, first: {errors[0]}")
+    return summary(results, clients, wall)
+
+
+def summary(results: list[dict], clients: int, wall: float) -> dict:
+    """A phase's numbers from its requests' send and chunk times."""
     tokens = sum(r["tokens"] for r in results)
+    per_chunk = tokens / sum(len(r["arrivals"]) for r in results)  # 1 for gptlab (a chunk per token)
+    # Steady state: from the moment every client has sent its first request to the moment the first
+    # one is done with its last; the ramps before and after have fewer clients than the phase's.
+    lo = max(min(r["sent"] for r in results if r["client"] == i) for i in range(clients))
+    hi = min(max(r["arrivals"][-1] for r in results if r["client"] == i) for i in range(clients))
+    steady = per_chunk * sum(lo <= t <= hi for r in results for t in r["arrivals"])
     ttft = [r["arrivals"][0] - r["sent"] for r in results]
     itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:], strict=False)]
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "ttft_p50_ms": 1e3 * percentile(ttft, 0.5),
-            "ttft_p95_ms": 1e3 * percentile(ttft, 0.95), "itl_p50_ms": 1e3 * percentile(itl, 0.5),
-            "itl_p95_ms": 1e3 * percentile(itl, 0.95)}
+            "tokens_per_s": tokens / wall, "steady_tokens_per_s": steady / (hi - lo) if hi > lo else float("nan"),
+            "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p95_ms": 1e3 * percentile(ttft, 0.95),
+            "itl_p50_ms": 1e3 * percentile(itl, 0.5), "itl_p95_ms": 1e3 * percentile(itl, 0.95)}
 
 
 def hf_folder(folder: Path) -> Path:
@@ -254,6 +266,7 @@ def one_round(url: str, reference: Reference, clients: list[int], args: argparse
     ratios = {}
     if 1 in by and 8 in by:
         ratios = {"throughput_8_over_1": by[8]["tokens_per_s"] / by[1]["tokens_per_s"],
+                  "steady_throughput_8_over_1": by[8]["steady_tokens_per_s"] / by[1]["steady_tokens_per_s"],
                   "ttft_p50_8_over_1": by[8]["ttft_p50_ms"] / by[1]["ttft_p50_ms"]}
     if 1 in by:
         ratios["itl_p50_1_over_generate"] = by[1]["itl_p50_ms"] / ref["itl_p50_ms"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,6 +77,25 @@ def test_a_client_that_goes_away_is_dropped_at_the_next_step(server):
     tokens = [int(m) for m in re.findall(r"POST /v1/completions 200 \d+\+(\d+) tokens [\d.]+s \(client went away\)",
                                          server.log)]
     assert tokens and tokens[-1] < 480
+
+
+def test_a_non_streamed_request_whose_client_leaves_is_dropped_too(server):
+    before = httpx.get(server.url + "/health").json()["cancelled"]
+    body = json.dumps({"model": "tiny", "prompt": "Wait for me", "max_tokens": 480, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 20
+        while httpx.get(server.url + "/health").json()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it runs
+    deadline = time.monotonic() + 20
+    while httpx.get(server.url + "/health").json()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/health").json()["cancelled"] == before + 1
+    time.sleep(0.3)
+    assert re.search(r"POST /v1/completions 499 \d+\+\d+ tokens [\d.]+s \(client went away\)", server.log)
 
 
 def test_sigterm_during_a_stream_finishes_it_and_exits_0(tmp_path, model_dir):
