@@ -202,7 +202,8 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(config.emb_dim, V, bias=False)
         self.tie_weights()
         # Set by prepare_for_decoding: batch-1 cached steps on CPU in the C kernel (generation/kernel.py),
-        # and single-token steps compiled over static caches (generation/compiled.py), used by generate.
+        # as are forward_slots' single-token rows, and single-token steps compiled over static caches
+        # (generation/compiled.py), used by generate.
         self.cpu_decoder = None
         self.compiled_decoder = None
         if not self.tok_emb.weight.is_meta:  # a meta model (shapes only, weights loaded later) skips it
