@@ -121,3 +121,44 @@ def test_padded_vocab_gives_same_logits():
     assert model.tok_emb.weight.shape[0] == 64
     logits = model(torch.randint(0, 50, (2, 5)))
     assert logits.shape[-1] == 50
+
+
+def test_slot_cache_rows_of_different_lengths_match_each_sequence_alone():
+    """Continuous batching's forward: right-padded prompts prefilled together, then steps at per-row positions."""
+    torch.manual_seed(4)
+    model = GPTModel(tiny_config(context_length=40)).eval()
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    steps = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]  # tokens fed after each prompt
+    with torch.inference_mode():
+        want = [model(torch.tensor([p + s]))[0, len(p) - 1 :] for p, s in zip(prompts, steps, strict=True)]
+        cache = model.make_slot_cache(2)
+        cache.grow(4)  # growing keeps nothing wrong (and room for a spare slot)
+        ids = torch.zeros(3, 7, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        got = [model.forward_slots(ids, cache, 0, [len(p) for p in prompts])]
+        for t in range(3):
+            got.append(model.forward_slots(torch.tensor([[s[t]] for s in steps]), cache, 0))
+    assert cache.lengths == [8, 5, 10, 0]
+    for i in range(3):
+        torch.testing.assert_close(torch.stack([g[i] for g in got]), want[i], atol=1e-5, rtol=1e-4)
+
+
+def test_slot_cache_view_and_move_serve_the_single_sequence_path():
+    torch.manual_seed(5)
+    model = GPTModel(tiny_config(context_length=16)).eval()
+    seq = [3, 1, 4, 1, 5, 9]
+    with torch.inference_mode():
+        want = model(torch.tensor([seq]))[0, -1]
+        cache = model.make_slot_cache(3)
+        view = cache.view(2)  # a batch-1 KVCache over slot 2's memory: the plain forward path
+        model(torch.tensor([seq[:4]]), kv_cache=view)
+        cache.lengths[2] = view.length
+        cache.move(2, 0)  # a finished sequence's hole filled by a running one
+        view = cache.view(0)
+        model(torch.tensor([seq[4:5]]), kv_cache=view)
+        got = model(torch.tensor([seq[5:]]), kv_cache=view)[0, -1]
+    assert view.length == 6
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(UsageError, match="past the cache"), torch.inference_mode():
+        model.forward_slots(torch.zeros(1, 13, dtype=torch.long), cache, 0)  # slot 0 holds 4: 17 > 16

@@ -63,6 +63,58 @@ class KVCache:
         if self.valid is not None:
             self.valid = self.valid[rows]
 
+    @classmethod
+    def over(cls, k: Tensor, v: Tensor, length: int = 0) -> KVCache:
+        """A cache over existing (n_layers, B, H, max_len, D) buffers (no copy), `length` positions filled."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.valid, cache.length = k, v, None, length
+        return cache
+
+
+class SlotKVCache:
+    """Keys and values for continuous batching: one slot per sequence, each slot with its own length.
+
+    Buffers are (slots, n_layers, H, max_len, D): slot-major, so that one slot is laid out exactly like a
+    batch-1 KVCache and `view(slot)` runs a lone sequence through the plain single-sequence path (and the
+    C CPU kernel) with no copy. `GPTModel.forward_slots` runs the contiguous slots first..first+B-1
+    together, each row at its own positions; callers keep their running sequences in the lowest slots
+    (`move` fills the hole a finished one leaves), so a decoding step's rows are one slice of the buffers.
+    """
+
+    def __init__(self, config: GPTConfig, slots: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        self.max_len = config.context_length if max_len is None else max_len
+        if not 0 < self.max_len <= config.context_length:
+            raise UsageError(f"KV cache length must be in 1..{config.context_length}, got {self.max_len}")
+        self._shape = (config.n_layers, config.n_heads, self.max_len, config.head_dim)
+        self.k = torch.zeros((slots, *self._shape), device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = [0] * slots  # positions filled in each slot
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[0]
+
+    def grow(self, slots: int) -> None:
+        """Make room for `slots` slots, keeping what the existing ones hold (the buffers are reallocated)."""
+        if slots <= self.slots:
+            return
+        extra = torch.zeros((slots - self.slots, *self._shape), device=self.k.device, dtype=self.k.dtype)
+        self.k = torch.cat([self.k, extra])
+        self.v = torch.cat([self.v, torch.zeros_like(extra)])
+        self.lengths += [0] * (slots - len(self.lengths))
+
+    def view(self, slot: int) -> KVCache:
+        """Slot `slot` as a batch-1 KVCache sharing its memory; copy `.length` back into `lengths` after use."""
+        return KVCache.over(self.k[slot].unsqueeze(1), self.v[slot].unsqueeze(1), self.lengths[slot])
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s filled positions into slot `dst` (which then has the same length)."""
+        n = self.lengths[src]
+        self.k[dst, :, :, :n] = self.k[src, :, :, :n]
+        self.v[dst, :, :, :n] = self.v[src, :, :, :n]
+        self.lengths[dst] = n
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -81,13 +133,19 @@ class CausalSelfAttention(nn.Module):
         mask: Tensor | None,
         cache: tuple[Tensor, Tensor] | None = None,
         start: int = 0,
+        write_pos: Tensor | None = None,
     ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k_buf, v_buf = cache
-            k_buf[:, :, start : start + T] = k
-            v_buf[:, :, start : start + T] = v
+            if write_pos is None:
+                k_buf[:, :, start : start + T] = k
+                v_buf[:, :, start : start + T] = v
+            else:  # rows at their own positions (SlotKVCache): row b's tokens go to write_pos[b]
+                rows = torch.arange(B, device=x.device)[:, None]
+                k_buf[rows, :, write_pos] = k.transpose(1, 2)
+                v_buf[rows, :, write_pos] = v.transpose(1, 2)
             k, v = k_buf[:, :, : start + T], v_buf[:, :, : start + T]
         # Without an explicit mask, a full causal prompt (no cache offset) uses the fused causal kernel;
         # a single decoding step attends to every cached key and needs no mask at all.
@@ -125,8 +183,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(config.emb_dim, eps=1e-5)
         self.ff = FeedForward(config)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache=None, start: int = 0) -> Tensor:
-        x = x + self.att(self.norm1(x), mask, cache, start)
+    def forward(self, x: Tensor, mask: Tensor | None, cache=None, start: int = 0,
+                write_pos: Tensor | None = None) -> Tensor:
+        x = x + self.att(self.norm1(x), mask, cache, start, write_pos)
         return x + self.ff(self.norm2(x))
 
 
@@ -143,7 +202,8 @@ class GPTModel(nn.Module):
         self.out_head = self.make_head(config)
         self.tie_weights()
         # Set by prepare_for_decoding: batch-1 cached steps on CPU in the C kernel (generation/kernel.py),
-        # and single-token steps compiled over static caches (generation/compiled.py), used by generate.
+        # as are forward_slots' single-token rows, and single-token steps compiled over static caches
+        # (generation/compiled.py), used by generate.
         self.cpu_decoder = None
         self.compiled_decoder = None
         # The tokenizer the model reads and writes (gptlab.tokenizer): None means GPT-2's. load_pretrained
@@ -185,6 +245,11 @@ class GPTModel(nn.Module):
         """A KV cache on the model's device and dtype."""
         w = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    def make_slot_cache(self, slots: int, max_len: int | None = None) -> SlotKVCache:
+        """A continuous-batching KV cache (one slot per sequence) on the model's device and dtype."""
+        w = self.tok_emb.weight
+        return SlotKVCache(self.config, slots, max_len, device=w.device, dtype=w.dtype)
 
     def forward(
         self,
@@ -239,6 +304,43 @@ class GPTModel(nn.Module):
         if kv_cache is not None:
             kv_cache.length = start + T
         return self.final_norm(x)
+
+    def forward_slots(self, idx: Tensor, cache: SlotKVCache, first: int = 0,
+                      counts: list[int] | None = None) -> Tensor:
+        """Logits (B, V) after each row's last new token; row b continues slot first + b of `cache`.
+
+        Row b holds counts[b] new tokens (right-padded to T; default all T) that follow the slot's own
+        cached positions: positions, cache writes and the causal mask are per row, so sequences of
+        different lengths decode as one batch (continuous batching, gptlab.serve). Padding's keys land
+        past the row's end, where its next tokens overwrite them; no row attends past its own end.
+        """
+        B, T = idx.shape
+        counts = [T] * B if counts is None else counts
+        starts = cache.lengths[first : first + B]
+        if len(starts) != B or len(counts) != B or not all(0 < n <= T for n in counts):
+            raise UsageError(f"forward_slots: {B} rows need slots {first}..{first + B - 1} and counts in 1..{T}")
+        if max(starts) + T > cache.max_len:
+            raise UsageError(f"input reaches position {max(starts) + T}, past the cache's {cache.max_len}")
+        if T == 1 and self.cpu_decoder is not None and self.cpu_decoder.applies_rows(self, idx, cache):
+            logits = self.cpu_decoder.rows(self, idx, cache, first)  # every row in one pass of the C kernel
+        else:
+            logits = self._slot_logits(idx, cache, first, starts, counts)
+        for b, n in enumerate(counts):
+            cache.lengths[first + b] += n
+        return logits
+
+    def _slot_logits(self, idx: Tensor, cache: SlotKVCache, first: int, starts: list[int], counts: list[int]) -> Tensor:
+        """forward_slots in eager PyTorch."""
+        (B, T), dev = idx.shape, idx.device
+        end = max(starts) + T
+        pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
+        x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
+        mask = (torch.arange(end, device=dev) <= pos[..., None])[:, None]  # (B, 1, T, end): keys up to itself
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, mask, (cache.k[first : first + B, i], cache.v[first : first + B, i]), end - T, pos)
+        last = torch.tensor(counts, device=dev) - 1
+        logits = self.out_head(self.final_norm(x[torch.arange(B, device=dev), last]))
+        return logits[..., : self.config.vocab_size]
 
     def loss(self, idx: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
         """Mean next-token cross-entropy of `idx` (B, T) against `targets` (B, T), memory-lean.

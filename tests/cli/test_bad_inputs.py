@@ -186,10 +186,14 @@ def cases(d):
         (("prepare", "--data", t, "--out", str(d / "p0"), "--val-fraction", "0"), 2, "--val-fraction"),
         (("prepare", "--data", t, "--out", str(d / "p1"), "--workers", "-1"), 2, "--workers"),
         (("info",), 2, "--model"),
+        (("serve", "--model", m, "--port", "70000"), 2, "--port"),
+        (("serve", "--model", m, "--max-batch", "0"), 2, "--max-batch"),
+        (("serve", "--model", m, "--max-body-bytes", "-5"), 2, "--max-body-bytes"),
         # --- unknown presets and models ---
         (("train", "--model", "gpt-enormous", "--data", t), 2, "gpt-enormous"),
         ((*gen[:2], "no-such-model", "--prompt", "hi"), 2, "no-such-model"),
         (("info", "--model", "gpt-enormous"), 2, "gpt-enormous"),
+        (("serve", "--model", "no-such-model", "--port", "0"), 2, "no-such-model"),
         # --- missing, empty, binary, non-UTF-8 input files ---
         (("train", "--data", str(d / "missing.txt"), "--out", str(d / "r1")), 2, "missing.txt"),
         (("train", "--data", str(d / "empty.txt"), "--out", str(d / "r2")), 2, "empty.txt"),
@@ -212,6 +216,7 @@ def cases(d):
         (("eval", "--model", str(d / "mismatch"), "--text", "hi"), 1, "shape"),
         (("generate", "--model", str(d / "huge"), "--prompt", "hi"), 1, "tok_emb.weight"),
         (("generate", "--model", str(d / "evil.pth"), "--prompt", "hi"), 1, "refusing"),
+        (("serve", "--model", str(d / "truncated"), "--port", "0"), 1, "truncated"),
         (("convert", "--to", "hf", str(d / "evil.pth"), str(d / "c1")), 1, "refusing"),
         (("train", "--init", str(d / "truncated"), "--data", t, "--out", str(d / "r5")), 1, "truncated"),
         (("train", "--model", str(d / "badcfg.json"), "--data", t, "--out", str(d / "r6")), 2, "badcfg.json"),

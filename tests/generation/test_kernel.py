@@ -274,3 +274,35 @@ def test_the_avx2_build_matches_eager(monkeypatch, tmp_path):
         torch.testing.assert_close(b.float(), a.float(), **tolerance)
         torch.testing.assert_close(cache_f.k.float(), cache_e.k.float(), **tolerance)
     assert any("decode-f32" in p.name for p in (tmp_path / "kernels").iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_continuous_batching_rows_match_eager_slots(dtype):
+    """GPTModel.forward_slots' single-token steps run every row in one pass of the kernel, each row at its
+    own position in its own slot, with the eager slots' logits and caches."""
+    eager, fast = pair(dtype, context_length=40)
+    calls = []
+    rows = fast.cpu_decoder.rows_step
+    fast.cpu_decoder.rows_step = lambda *args: calls.append(1) or rows(*args)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [13, 14, 15, 16, 17, 18, 19]]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    got = {}
+    with torch.inference_mode():
+        for name, model in (("eager", eager), ("fast", fast)):
+            cache = model.make_slot_cache(4)
+            logits = [model.forward_slots(ids, cache, 0, [len(p) for p in prompts])]  # a padded prefill: eager
+            for t in range(4):
+                logits.append(model.forward_slots(torch.tensor([[3 + t], [4 + t], [5 + t]]), cache, 0))
+            logits.append(model.forward_slots(torch.tensor([[1], [2]]), cache, 1))  # slots 1 and 2 only
+            got[name] = (logits, cache)
+    assert len(calls) == 5
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for a, b in zip(got["eager"][0], got["fast"][0], strict=True):
+        assert b.dtype == a.dtype and b.shape == a.shape
+        torch.testing.assert_close(b.float(), a.float(), **tol)
+    (_, ce), (_, cf) = got["eager"], got["fast"]
+    assert ce.lengths == cf.lengths == [9, 7, 12, 0]
+    torch.testing.assert_close(cf.k.float(), ce.k.float(), **tol)
+    torch.testing.assert_close(cf.v.float(), ce.v.float(), **tol)

@@ -26,6 +26,7 @@ COMMANDS = {
     "generate": "generate",
     "classify": "classify",
     "sampling-plot": "sampling_plot",
+    "serve": "serve",
 }
 
 

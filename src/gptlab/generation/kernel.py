@@ -1,4 +1,4 @@
-"""Batch-1 decoding on CPU in a small C kernel over repacked weights (`prepare_for_decoding`, generation/cpu.py).
+"""Batch-1 decoding on CPU in a small C kernel over repacked weights (`prepare_for_decoding`, generation/decoding.py).
 
 Decoding one token at batch 1 reads every weight once, so it runs at the speed the cores stream the
 weights. A matrix-vector product over nn.Linear's (out, in) rows needs two loads per cache line of
@@ -15,6 +15,9 @@ The step itself -- embeddings, the blocks with their cache writes and attention,
 first time it is needed (~0.3 s) and cached in $GPTLAB_HOME/kernels (default ~/.cache/gptlab/kernels).
 Prompts of up to MAX_TOKENS tokens go through the same code, each loaded line of weights used for
 up to 4 tokens at a time (a 16-token prompt: 26 ms against 64 ms in the eager forward, float32).
+Continuous batching's steps (`GPTModel.forward_slots`, gptlab.serve) take the same route (`decode_rows`):
+one new token for each of up to MAX_TOKENS sequences, each at its own position in its own cache slot,
+in one OpenMP region instead of the eager forward's few hundred small parallel operations.
 Costs: a second copy of the weights in memory (the model's own stay, for long prompts, batches and
 training), and a C compiler with OpenMP. Without them `use_kernel_decoding` returns False (with a
 warning when asked to).
@@ -39,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..hardware import huge_page_buffer
-from ..model import GPTModel, KVCache
+from ..model import GPTModel, KVCache, SlotKVCache
 from ..storage.download import gptlab_home
 
 ROWS_PER_BLOCK = 64  # RB in csrc/decode.c
@@ -152,6 +155,10 @@ class KernelDecoder:
         self.step = getattr(lib, f"decode_tokens_{variant}")
         self.step.restype = None
         self.step.argtypes = [ctypes.POINTER(_Model), _PTR, ctypes.c_int, ctypes.c_long, _PTR, _PTR, ctypes.c_long]
+        self.rows_step = getattr(lib, f"decode_rows_{variant}")
+        self.rows_step.restype = None
+        self.rows_step.argtypes = [ctypes.POINTER(_Model), _PTR, ctypes.c_int, _PTR, _PTR, _PTR, ctypes.c_long, _PTR,
+                                   ctypes.c_long]
         self.refresh(model)
 
     def _fingerprint(self) -> list[tuple[int, int]]:
@@ -227,9 +234,19 @@ class KernelDecoder:
     def __call__(self, model: GPTModel, idx: Tensor, kv_cache: KVCache) -> Tensor:
         """Logits (1, 1, vocab_size) after the last of `idx`'s tokens, in the model's dtype; appends
         the tokens' keys/values to the cache."""
+        tokens = self._ready(model, idx[0])
+        pos, T = kv_cache.length, tokens.numel()
+        self.step(ctypes.byref(self.desc), tokens.data_ptr(), T, pos, kv_cache.k.data_ptr(), kv_cache.v.data_ptr(),
+                  kv_cache.max_len)
+        kv_cache.length = pos + T
+        return self.buffers[4][: self.vocab_size].to(self.dtype, copy=True).view(1, 1, -1)
+
+
+    def _ready(self, model: GPTModel, ids: Tensor) -> Tensor:
+        """Weights repacked if they changed, work memory for this many threads; `ids` checked, as int64."""
         if self._fingerprint() != self.fingerprint:
             self.refresh(model)
-        tokens = idx[0].to(torch.int64).contiguous()
+        tokens = ids.to(torch.int64).contiguous()
         if tokens.numel() == 1:
             low = high = int(tokens)
         else:
@@ -242,11 +259,33 @@ class KernelDecoder:
         if self.desc.n_threads != threads or self.scratch.numel() < threads * per_thread:
             self.scratch = torch.zeros(threads * per_thread)
             self.desc.scratch, self.desc.n_threads = self.scratch.data_ptr(), threads
-        pos, T = kv_cache.length, tokens.numel()
-        self.step(ctypes.byref(self.desc), tokens.data_ptr(), T, pos, kv_cache.k.data_ptr(), kv_cache.v.data_ptr(),
-                  kv_cache.max_len)
-        kv_cache.length = pos + T
-        return self.buffers[4][: self.vocab_size].to(self.dtype, copy=True).view(1, 1, -1)
+        return tokens
+
+    def applies_rows(self, model: GPTModel, idx: Tensor, cache: SlotKVCache) -> bool:
+        """True for continuous batching's steps it can run (GPTModel.forward_slots): one new token per row,
+        up to MAX_TOKENS rows, no grad, the kernel's device and dtype, contiguous slot buffers."""
+        weight = model.tok_emb.weight
+        return (
+            idx.dim() == 2 and idx.shape[1] == 1 and 1 <= idx.shape[0] <= self.desc.max_tokens
+            and not model.training and not torch.is_grad_enabled() and idx.device.type == "cpu"
+            and weight.dtype == self.dtype and weight.device == self.device
+            and cache.k.dtype == self.dtype and cache.k.is_contiguous() and cache.v.is_contiguous()
+        )
+
+    def rows(self, model: GPTModel, idx: Tensor, cache: SlotKVCache, first: int) -> Tensor:
+        """Logits (B, vocab_size) after one new token (idx (B, 1)) in each of slots first..first+B-1, each at
+        its slot's own position; writes the tokens' keys/values into the slots (their lengths are the caller's)."""
+        tokens = self._ready(model, idx[:, 0])
+        B = tokens.numel()
+        pos = torch.tensor(cache.lengths[first : first + B], dtype=torch.int64)
+        slot_bytes = cache.k[0].numel() * cache.k.element_size()  # a slot is one batch-1 cache, (L, H, max_len, D)
+        k_rows = (_PTR * B)(*(cache.k.data_ptr() + (first + b) * slot_bytes for b in range(B)))
+        v_rows = (_PTR * B)(*(cache.v.data_ptr() + (first + b) * slot_bytes for b in range(B)))
+        ldl = self.buffers[4].numel()  # the padded vocabulary
+        logits = torch.empty(B, ldl)
+        self.rows_step(ctypes.byref(self.desc), tokens.data_ptr(), B, pos.data_ptr(), k_rows, v_rows, cache.max_len,
+                       logits.data_ptr(), ldl)
+        return logits[:, : self.vocab_size].to(self.dtype)
 
 
 def speed_check(model: GPTModel, decoder: KernelDecoder, budget_s: float = 0.25, min_pairs: int = 5,

@@ -363,6 +363,28 @@ static void layer_norm(const float* x, const float* w, const float* b, int n, fl
 
 #define PAD(n) (((n) + RB - 1) / RB * RB)
 
+/* One query q (D values) over one head's keys K and values V at positions 0..last:
+ * out = softmax(q.K / sqrt(D)) V. */
+static inline void attend_one(const float* q, const WT* K, const WT* V, int D, long last, float* scores, float* out) {
+    float scale = 1.f / sqrtf((float)D);
+    float top = -INFINITY, total = 0.f;
+    for (long j = 0; j <= last; j++) {
+        scores[j] = dot(q, K + j * D, D) * scale;
+        top = scores[j] > top ? scores[j] : top;
+    }
+    long j = 0;
+    vf sums = {0};
+    for (; j + VL <= last + 1; j += VL) {
+        vf e = expv(*(vfu*)(scores + j) - top);
+        *(vfu*)(scores + j) = e;
+        sums += e;
+    }
+    total = hsum(sums);
+    for (; j <= last; j++) total += scores[j] = expf(scores[j] - top);
+    for (int d = 0; d < D; d++) out[d] = 0.f;
+    for (long j = 0; j <= last; j++) axpy(scores[j] / total, V + j * D, out, D);
+}
+
 /* Head h for T new tokens at positions pos..pos+T-1: store their keys/values, then for each token
  * softmax(q.K / sqrt(D)) V over the positions up to its own. */
 static void attend(const Model* m, int h, int T, WT* kc, WT* vc, long max_len, long pos, float* scores) {
@@ -376,28 +398,8 @@ static void attend(const Model* m, int h, int T, WT* kc, WT* vc, long max_len, l
             V[(pos + t) * D + d] = f_to_wt(v[d]);
         }
     }
-    float scale = 1.f / sqrtf((float)D);
-    for (int t = 0; t < T; t++) {
-        const float* q = m->qkv + t * ld3 + h * D;
-        long last = pos + t;
-        float top = -INFINITY, total = 0.f;
-        for (long j = 0; j <= last; j++) {
-            scores[j] = dot(q, K + j * D, D) * scale;
-            top = scores[j] > top ? scores[j] : top;
-        }
-        long j = 0;
-        vf sums = {0};
-        for (; j + VL <= last + 1; j += VL) {
-            vf e = expv(*(vfu*)(scores + j) - top);
-            *(vfu*)(scores + j) = e;
-            sums += e;
-        }
-        total = hsum(sums);
-        for (; j <= last; j++) total += scores[j] = expf(scores[j] - top);
-        float* out = m->att + t * ldc + h * D;
-        for (int d = 0; d < D; d++) out[d] = 0.f;
-        for (long j = 0; j <= last; j++) axpy(scores[j] / total, V + j * D, out, D);
-    }
+    for (int t = 0; t < T; t++)
+        attend_one(m->qkv + t * ld3 + h * D, K, V, D, pos + t, scores, m->att + t * ldc + h * D);
 }
 
 /* Logits (vocab_rows) of the token after `tokens` (T <= max_tokens of them, at positions pos..pos+T-1);
@@ -430,5 +432,48 @@ void SUFFIX(decode_tokens)(const Model* m, const int64_t* tokens, int T, long po
         }
         layer_norm(m->x + (T - 1) * ldc, m->lnf_w, m->lnf_b, C, m->eps, xn);
         parallel_product(m->head, xn, C, 1, m->vocab_rows, C, NULL, PLAIN, m->logits, 0, NULL, 0, xp);
+    }
+}
+
+/* Continuous batching (gptlab/serve): one new token for each of B sequences, each with its own cache
+ * (n_layers, n_heads, max_len, head_dim; positions < pos[t] filled) and position. Row t is token
+ * tokens[t] at position pos[t] of the sequence whose caches are k_caches[t] / v_caches[t]; its logits
+ * (vocab_rows) go to logits + t * ldl. The products read each weight block once for up to GROUP rows
+ * (B <= max_tokens), as a prompt's tokens do; attention is per row, over its own cache. */
+void SUFFIX(decode_rows)(const Model* m, const int64_t* tokens, int B, const int64_t* pos, WT* const* k_caches,
+                         WT* const* v_caches, long max_len, float* logits, long ldl) {
+    int C = m->emb, L = m->n_layers, H4 = m->hidden, H = m->n_heads, D = m->head_dim;
+    long ldc = PAD(C), ld3 = PAD(3 * C), ldh = PAD(H4);
+    for (int t = 0; t < B; t++)
+        for (int i = 0; i < C; i++)
+            m->x[t * ldc + i] = wt_to_f(m->tok_emb[tokens[t] * C + i]) + wt_to_f(m->pos_emb[pos[t] * C + i]);
+    #pragma omp parallel num_threads(m->n_threads)
+    {
+        float* xn = m->scratch + omp_get_thread_num() * ((long)m->max_tokens * (C + H4) + max_len);
+        uint32_t* xp = (uint32_t*)(xn + (long)m->max_tokens * C);
+        float* scores = xn + (long)m->max_tokens * (C + H4);
+        for (int l = 0; l < L; l++) {
+            const Layer* ly = &m->layers[l];
+            long layer_off = (long)l * H * max_len * D;
+            for (int t = 0; t < B; t++) layer_norm(m->x + t * ldc, ly->ln1_w, ly->ln1_b, C, m->eps, xn + t * C);
+            parallel_product(ly->qkv, xn, C, B, 3 * C, C, ly->qkv_b, BIAS, m->qkv, ld3, NULL, 0, xp);
+            #pragma omp for schedule(static)
+            for (int i = 0; i < B * H; i++) {  /* (row, head) pairs: rows have different lengths */
+                int t = i / H, h = i % H;
+                WT *K = k_caches[t] + layer_off + h * max_len * D, *V = v_caches[t] + layer_off + h * max_len * D;
+                const float *q = m->qkv + t * ld3 + h * D, *k = q + C, *v = q + 2 * C;
+                for (int d = 0; d < D; d++) {
+                    K[pos[t] * D + d] = f_to_wt(k[d]);
+                    V[pos[t] * D + d] = f_to_wt(v[d]);
+                }
+                attend_one(q, K, V, D, pos[t], scores, m->att + t * ldc + h * D);
+            }
+            parallel_product(ly->out, m->att, ldc, B, C, C, ly->out_b, RESIDUAL, m->h, ldc, m->x, ldc, xp);
+            for (int t = 0; t < B; t++) layer_norm(m->x + t * ldc, ly->ln2_w, ly->ln2_b, C, m->eps, xn + t * C);
+            parallel_product(ly->fc, xn, C, B, H4, C, ly->fc_b, GELU, m->h, ldh, NULL, 0, xp);
+            parallel_product(ly->proj, m->h, ldh, B, C, H4, ly->proj_b, RESIDUAL, m->att, ldc, m->x, ldc, xp);
+        }
+        for (int t = 0; t < B; t++) layer_norm(m->x + t * ldc, m->lnf_w, m->lnf_b, C, m->eps, xn + t * C);
+        parallel_product(m->head, xn, C, B, m->vocab_rows, C, NULL, PLAIN, logits, ldl, NULL, 0, xp);
     }
 }
