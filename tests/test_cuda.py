@@ -227,3 +227,19 @@ def test_cli_generate_compile_on_cuda(tmp_path):
     assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
     assert [json.loads(p.stdout)["completions"][0]["token_ids"] for p in (plain, fast)][0] == \
         json.loads(fast.stdout)["completions"][0]["token_ids"]
+
+
+def test_batch_size_auto_and_padded_vocabulary_on_cuda(tmp_path, corpus, model_json):
+    """On a GPU the micro-batch is found by real probes (far above the CPU's 8 for this tiny model) and
+    recorded; a fresh model's vocabulary is padded to 64 while the logits keep the tokenizer's size."""
+    out = tmp_path / "run"
+    proc = run_cli("train", "--data", str(corpus), "--model", str(model_json), "--out", str(out), "--device", "cuda",
+                   "--batch-size", "auto", "--max-steps", "2", "--eval-iters", "1",
+                   "--quiet", "--sample-prompt", "", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads((out / "train_config.json").read_text())
+    assert settings["batch_size"] > 8 and "--batch-size auto" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_multiple"] == 64 and config["vocab_size"] == 50257
+    model = load_model(out, device=CUDA)
+    assert model(torch.zeros(1, 4, dtype=torch.long, device=CUDA)).shape[-1] == 50257

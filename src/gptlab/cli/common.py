@@ -32,6 +32,17 @@ def positive_int(text: str) -> int:
     return whole_number(text, 1)
 
 
+def batch_size_arg(text: str) -> int | str:
+    """A positive whole number, or `auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
+    return whole_number(str(value), 1)
+
+
 def non_negative_int(text: str) -> int:
     return whole_number(text, 0)
 
@@ -98,7 +109,7 @@ def names(text: str) -> list[str]:
 
 
 # How a settings field's "kind" (training/settings.py `setting`) is parsed on the command line.
-_PARSERS = {"positive": positive_int, "count": non_negative_int, "number": non_negative_float,
+_PARSERS = {"positive": positive_int, "batch": batch_size_arg, "count": non_negative_int, "number": non_negative_float,
             "positive_number": positive_float, "fraction": fraction_open, "rate": rate, "text": str,
             "names": names}
 

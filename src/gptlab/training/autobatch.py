@@ -9,12 +9,16 @@ does not see: the allocator's fragmentation over a long run, evaluation batches,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from .. import faults
-from ..errors import GptlabError
+from ..errors import GptlabError, UsageError
+from .settings import AUTO, RunConfig, TrainConfig
+
+CPU_BATCH = 8  # `auto` on a CPU: memory is rarely the limit there, and speed stops growing long before it
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -69,3 +73,37 @@ def probe_training_step(model: torch.nn.Module, batch: int, seq: int, dtype: tor
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def settle_batch(run_cfg: RunConfig, cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
+                 dtype: torch.dtype, world_size: int = 1, log=print) -> tuple[RunConfig, TrainConfig]:
+    """--batch-size auto and --global-batch made numbers: the micro-batch of each process and --grad-accum."""
+    batch = run_cfg.batch_size
+    if batch == AUTO:
+        batch = auto_micro_batch(model, run_cfg.context_length or model.config.context_length, device, dtype)
+        log(f"--batch-size auto: {batch} windows per micro-batch"
+            + ("" if device.type == "cuda" or faults.plan().get("oom-above") else " (on a CPU)"))
+    grad_accum = cfg.grad_accum
+    if run_cfg.global_batch is not None:
+        per_step = batch * world_size
+        if run_cfg.global_batch % per_step:
+            raise UsageError(f"--global-batch {run_cfg.global_batch} is not a multiple of {per_step} (--batch-size "
+                             f"{batch} x {world_size} process(es)); give a multiple of it")
+        grad_accum = run_cfg.global_batch // per_step
+        if cfg.grad_accum not in (1, grad_accum):
+            raise UsageError(f"--grad-accum {cfg.grad_accum} disagrees with --global-batch (which needs "
+                             f"{grad_accum}); give one of them")
+    return dataclasses.replace(run_cfg, batch_size=batch), dataclasses.replace(cfg, grad_accum=grad_accum)
+
+
+def auto_micro_batch(model: torch.nn.Module, seq: int, device: torch.device, dtype: torch.dtype) -> int:
+    """The largest micro-batch whose training step fits on `device` (probed there), the same on every rank."""
+    if device.type != "cuda" and not faults.plan().get("oom-above"):
+        return CPU_BATCH  # probing a CPU's memory would swap or meet the OOM killer, not an error
+    model.to(device)
+    batch = find_micro_batch(lambda b: probe_training_step(model, b, seq, dtype))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        smallest = torch.tensor([batch], device=device)
+        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)  # ranks may differ in memory
+        batch = int(smallest.item())
+    return batch

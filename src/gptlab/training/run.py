@@ -58,18 +58,22 @@ from ..tokenizer.base import describe
 from ..tokenizer.folder import TOKENIZER_FILES
 from ..tokenizer.gpt2 import GPT2_NAME
 from . import distributed as D
+from .autobatch import settle_batch
 from .checkpoint import CHECKPOINT_NAME, check_same_config, read_checkpoint
 from .loop import train
 from .optim import make_precision, planned_steps
 from .report import METRICS_NAME, PLOT_NAME
-from .settings import RunConfig, TrainConfig, TrainResult, split_settings
+from .settings import AUTO, RunConfig, TrainConfig, TrainResult, split_settings
 
 TRAIN_CONFIG_NAME = "train_config.json"
 RUN_FILES = (CHECKPOINT_NAME, CONFIG_NAME, WEIGHTS_NAME, TRAIN_CONFIG_NAME, METRICS_NAME, PLOT_NAME, *TOKENIZER_FILES)
 # The main job's sample after each epoch: how the built-in corpus (Python's docs) often begins a sentence.
 BUILTIN_SAMPLE_PROMPT = "A function"
 # Settings that fix the data order and the model: a resumed run must keep them.
-FIXED_ON_RESUME = ("data", "val_fraction", "batch_size", "context_length", "stride", "init", "grad_accum", "seed")
+FIXED_ON_RESUME = ("data", "val_fraction", "batch_size", "global_batch", "context_length", "stride", "init",
+                   "grad_accum", "seed")
+# Tensor cores multiply whole tiles: a vocabulary of 50,304 rows runs faster than one of 50,257.
+GPU_VOCAB_MULTIPLE = 64
 # Settings that name files or folders: stored absolute (`absolute_paths`).
 PATH_SETTINGS = ("data", "model", "init", "val_data", "adapter", "tokenizer")
 
@@ -85,8 +89,11 @@ def run_training(run_cfg: RunConfig, cfg: TrainConfig, out: str | os.PathLike | 
         run_cfg = dataclasses.replace(run_cfg, data_files=record_data(run_cfg.data))
     tokenizer, run_cfg = run_tokenizer(run_cfg, out, resume)
     start = start_run(out, cfg, run_cfg.strategy, resume, log)
-    model = build_model(run_cfg, tokenizer)
+    model = build_model(run_cfg, tokenizer, start.info.device)
     check_model(start, model)
+    precision = make_precision(cfg.dtype, start.info.device)
+    run_cfg, cfg = settle_batch(run_cfg, cfg, model, start.info.device, precision.dtype, start.info.world_size,
+                                start.log)
     split = prepare_data(run_cfg, cfg.seed, model.config, start.info.device, tokenizer)
     check_data(start, split.fingerprint)
     if cfg.sample_prompt is None:
@@ -274,6 +281,8 @@ def resume_settings(out: Path, explicit: dict, run_cls: type = RunConfig,
                     fixed: tuple[str, ...] = FIXED_ON_RESUME) -> tuple[Any, TrainConfig]:
     """The run's saved settings with the options given now laid over them (paths compared as absolute;
     `fixed` ones may not change)."""
+    if explicit.get("batch_size") == AUTO:  # the run's micro-batch, found when it started
+        explicit = {k: v for k, v in explicit.items() if k != "batch_size"}
     given_paths = {k: explicit[k] for k in PATH_SETTINGS if k in explicit}
     explicit = {**explicit, **{k: _absolute_if_path(v) for k, v in given_paths.items()}}
     saved_run, saved_train = load_saved_settings(out, run_cls)
@@ -349,10 +358,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(run_cfg: RunConfig, tokenizer: Tokenizer | None = None) -> GPTModel:
+def build_model(run_cfg: RunConfig, tokenizer: Tokenizer | None = None,
+                device: torch.device | None = None) -> GPTModel:
     """The model to train: random weights for an architecture (a preset, a config.json, random:NAME), or
     the weights --init (or --model) names, as every verb reads --model (pretrained/resolve.py). A fresh
-    model's vocabulary is the tokenizer's (GPT-2's by default); existing weights must share its tokenizer."""
+    model's vocabulary is the tokenizer's (GPT-2's by default), padded to a multiple of 64 on a GPU unless
+    --vocab-multiple says otherwise; existing weights must share its tokenizer."""
     tok = as_tokenizer(tokenizer)
     spec = run_cfg.init or run_cfg.model
     if run_cfg.init or not is_random_spec(spec):
@@ -365,8 +376,10 @@ def build_model(run_cfg: RunConfig, tokenizer: Tokenizer | None = None) -> GPTMo
     context = run_cfg.context_length or config.context_length
     check_context(context, config.context_length)
     # A fresh model gets exactly the training context: positions it never trains on would be noise.
-    model = GPTModel(config.replace(context_length=context, drop_rate=run_cfg.drop_rate,
-                                    vocab_multiple=run_cfg.vocab_multiple, vocab_size=tok.n_vocab))
+    on_gpu = device is not None and device.type == "cuda"
+    multiple = run_cfg.vocab_multiple or (GPU_VOCAB_MULTIPLE if on_gpu and config.vocab_multiple == 1 else None)
+    model = GPTModel(config.replace(context_length=context, drop_rate=run_cfg.drop_rate, vocab_multiple=multiple,
+                                    vocab_size=tok.n_vocab))
     model.tokenizer = None if tok.name == GPT2_NAME else tok
     return model
 

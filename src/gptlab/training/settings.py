@@ -21,6 +21,7 @@ from ..errors import UsageError
 LR_SCHEDULES = ("cosine", "constant")
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 STRATEGY_CHOICES = ("none", "ddp", "fsdp")
+AUTO = "auto"  # --batch-size auto: the micro-batch is searched for (training/autobatch.py)
 
 
 def setting(default: Any, help: str, kind: str | None = None, *, group: str = "", choices: tuple = (),
@@ -156,7 +157,10 @@ class RunConfig(_Settings):
                                      "the-verdict) or one folder made by gptlab prepare (default: python-docs)",
                                      "paths", group="data")
     val_fraction: float = setting(0.1, "share of tokens held out for validation", "fraction", group="data")
-    batch_size: int = setting(8, "windows per batch", "positive", group="data")
+    batch_size: int | str = setting(8, "windows per batch and process; auto: the largest that fits in a GPU's "
+                                    "memory (8 on a CPU)", "batch", group="data")
+    global_batch: int | None = setting(None, "windows per optimizer step over all processes: sets --grad-accum to "
+                                       "N / (--batch-size x processes)", "positive", group="data")
     context_length: int | None = setting(None, "tokens per window (default: the model's context)", "positive",
                                          group="data")
     stride: int | None = setting(None, "step between windows (default: the context length)", "positive",
@@ -183,7 +187,9 @@ class RunConfig(_Settings):
 
     def __post_init__(self) -> None:
         _check([
-            (self.batch_size >= 1, "batch_size must be at least 1"),
+            (self.batch_size == AUTO or isinstance(self.batch_size, int) and self.batch_size >= 1,
+             "batch_size must be at least 1, or auto"),
+            (self.global_batch is None or self.global_batch >= 1, "global_batch must be at least 1"),
             (self.context_length is None or self.context_length >= 1, "context_length must be at least 1"),
             (self.stride is None or self.stride >= 1, "stride must be at least 1"),
             (0.0 < self.val_fraction < 1.0, "val_fraction must be between 0 and 1 (exclusive)"),
