@@ -168,3 +168,36 @@ def test_python_objects_as_model_and_data(tmp_path):
         finetune(model, [{"text": "a", "label": "x"}, {"text": "b"}], tmp_path / "bad", task="classify", **QUIET)
     with pytest.raises(UsageError, match="unknown fine-tuning setting.*did you mean 'lora_r'"):
         finetune(model, INSTRUCTIONS, tmp_path / "bad", lora_rank=4, **QUIET)
+
+
+def test_a_model_with_its_own_tokenizer_is_tuned_with_it(tmp_path):
+    """Instruction and classification tuning of a model that carries a trained tokenizer (300 tokens,
+    <|endoftext|> = 0): data, padding, answers and the run folders use it, and `generate --instruction`
+    and `classify` read it from the folder."""
+    from gptlab import train_tokenizer
+    from gptlab.finetune.classifier import load_classifier
+    from tests.helpers import run_cli
+
+    corpus = tmp_path / "corpus.txt"
+    from gptlab.finetune.instructions import format_instruction
+
+    corpus.write_text("\n".join(format_instruction(e, "alpaca") + e["output"] for e in INSTRUCTIONS * 20)
+                      + " great awful film", encoding="utf-8")
+    tok = train_tokenizer([corpus], 300, tmp_path / "tok", progress=False)
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config(vocab_size=tok.n_vocab, context_length=128))
+    model.tokenizer = tok
+    save_model(model, tmp_path / "base")
+    write_instructions(tmp_path / "inst.json")
+    tune(tmp_path, "base", "inst.json", "run", max_steps=60, lr=1e-2, eval_every=60, max_new_tokens=0)
+    tuned = load_pretrained(tmp_path / "run")
+    assert tuned.tokenizer.name == tok.name and (tmp_path / "run" / "tokenizer.json").is_file()
+    assert respond(tuned, INSTRUCTIONS, max_new_tokens=24) == [e["output"] for e in INSTRUCTIONS]
+    asked = run_cli("generate", "--model", str(tmp_path / "run"), "--instruction", INSTRUCTIONS[2]["instruction"],
+                    "--input", INSTRUCTIONS[2]["input"], "--max-new-tokens", "24")
+    assert asked.returncode == 0 and asked.stdout.strip() == INSTRUCTIONS[2]["output"], asked.stderr
+    rows = [{"text": f"{word} film", "label": label} for word, label in [("great", "pos"), ("awful", "neg")] * 6]
+    finetune(tmp_path / "base", rows, tmp_path / "cls", task="classify", max_steps=2, batch_size=4, **QUIET)
+    assert load_classifier(tmp_path / "cls").tokenizer.name == tok.name
+    labelled = run_cli("classify", "--model", str(tmp_path / "cls"), "--text", "great film")
+    assert labelled.returncode == 0 and labelled.stdout.split()[0] in ("pos", "neg"), labelled.stderr
