@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from gptlab.serve.chat import ChatFormat
+from gptlab.finetune.templates import ALPACA
+from gptlab.serve.chat import ChatFormat, TemplateChat
 from gptlab.serve.protocol import ApiError, Limits, parse_body, parse_chat, parse_completion, parse_explain
-from gptlab.tokenizer import EOT_ID, encode
+from gptlab.tokenizer import EOT_ID, encode, get_tokenizer
 
 LIMITS = Limits(context_length=64, vocab_size=50257, max_batch=8)
+GPT2 = get_tokenizer()
 
 
 def completion(**body):
-    return parse_completion(body, LIMITS, "m")
+    return parse_completion(body, LIMITS, "m", GPT2)
 
 
 def test_defaults_follow_openai():
@@ -49,20 +51,30 @@ def test_n_times_prompts_must_fit_the_batch():
 
 def test_chat_defaults_to_the_rest_of_the_context_and_adds_the_transcript_stop():
     req, ids = parse_chat({"messages": [{"role": "user", "content": "Hi"}], "stop": "END"}, LIMITS, "m",
-                          ChatFormat().render)
+                          ChatFormat(), GPT2)
     assert ids == encode("user: Hi\nassistant:")
     assert req.sampling.max_tokens == 64 - len(ids)
     assert req.sampling.stop == ["END", "\nuser:"]
     req, _ = parse_chat({"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 3}, LIMITS, "m",
-                        ChatFormat().render)
+                        ChatFormat(), GPT2)
     assert req.sampling.max_tokens == 3
 
 
+def test_chat_prompts_are_encoded_as_gptlab_generate_encodes_them():
+    messages = [{"role": "user", "content": "a<|endoftext|>b"}]
+    _, ids = parse_chat({"messages": messages}, LIMITS, "m", ChatFormat(), GPT2)
+    assert EOT_ID in ids  # a transcript is a --prompt: the special token
+    chat = TemplateChat(ALPACA)
+    _, ids = parse_chat({"messages": messages}, LIMITS, "m", chat, GPT2)
+    # a template's prompt is an --instruction, tokenized as in fine-tuning: the text stays text
+    assert EOT_ID not in ids and ids == GPT2.encode_ordinary(chat.render(messages)[0])
+
+
 def test_explain_request():
-    req = parse_explain({"prompt": [1, 2], "temperature": 0, "candidates": 3}, LIMITS, "m")
+    req = parse_explain({"prompt": [1, 2], "temperature": 0, "candidates": 3}, LIMITS, "m", GPT2)
     assert (req.prompt, req.temperature, req.candidates) == ([1, 2], 0.0, 3)
     with pytest.raises(ApiError, match="does not exist"):
-        parse_explain({"model": "other", "prompt": "x"}, LIMITS, "m")
+        parse_explain({"model": "other", "prompt": "x"}, LIMITS, "m", GPT2)
 
 
 @pytest.mark.parametrize("raw", [b"", b"  ", b"nul", b"3", b'"text"'])

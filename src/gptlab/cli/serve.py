@@ -23,8 +23,8 @@ def port_number(text: str) -> int:
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible API, continuous batching, playground",
                        description="Serve a model over HTTP: OpenAI's /v1/completions, /v1/chat/completions and "
-                       "/v1/models, requests batched together step by step, and a web playground at /. "
-                       "Ctrl-C or SIGTERM finishes the requests in flight, then exits. Manual: docs/serve.md.")
+                       "/v1/models, requests batched together step by step, and a web playground at /. Text is encoded "
+                       "and decoded with the model folder's own tokenizer, as in gptlab generate. Ctrl-C or SIGTERM finishes the requests in flight, then exits. Manual: docs/serve.md.")
     p.add_argument("--model", required=True, help="what to serve: a GPT-2 name, a model or run folder, random:PRESET")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 picks a free one)")

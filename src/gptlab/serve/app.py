@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..model import GPTModel
+from ..tokenizer import Tokenizer
 from .chat import ChatFormat
 from .protocol import ApiError, Limits, parse_body, parse_chat, parse_completion, parse_explain
 from .responses import (
@@ -57,6 +58,12 @@ class Served:
     limits: Limits
     chat: ChatFormat
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's own tokenizer, the scheduler's: prompts are encoded and tokens shown with the one the
+        generated text is decoded with."""
+        return self.scheduler.tokenizer
 
 
 class RequestLog:
@@ -198,10 +205,11 @@ def _add_info_routes(app: FastAPI, served: Served) -> None:
     @app.post("/v1/explain")
     async def explain(request: Request) -> dict:
         body = await read_json(request, served.limits.max_body_bytes)
-        req = await run_in_threadpool(parse_explain, body, served.limits, served.name)
+        req = await run_in_threadpool(parse_explain, body, served.limits, served.name, served.tokenizer)
         loop = asyncio.get_running_loop()
         answer = loop.create_future()
-        work = explain_job(served.model, req.prompt, req.temperature, req.top_k, req.top_p, req.candidates)
+        work = explain_job(served.model, req.prompt, req.temperature, req.top_k, req.top_p, req.candidates,
+                           served.tokenizer)
         served.scheduler.submit_explain(work, lambda result: loop.call_soon_threadsafe(answer.set_result, result))
         result = await answer
         if isinstance(result, Exception):
@@ -213,15 +221,15 @@ def _add_completions(app: FastAPI, served: Served) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         body = await read_json(request, served.limits.max_body_bytes)
-        req = await run_in_threadpool(parse_completion, body, served.limits, served.name)
+        req = await run_in_threadpool(parse_completion, body, served.limits, served.name, served.tokenizer)
         samplings = [dataclasses.replace(req.sampling, max_tokens=m) for m in req.max_tokens]
         run = Run(req.prompts, samplings, served.name)
         submit(served, run, request)
         envelope = Envelope("text_completion", served.name)
         if req.stream:
-            return StreamingResponse(_completion_stream(run, req, envelope), media_type="text/event-stream",
-                                     headers=STREAM_HEADERS)
-        choices = await unless_disconnected(request.receive, run, _gather(run, req.echo))
+            return StreamingResponse(_completion_stream(run, req, envelope, served.tokenizer),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
+        choices = await unless_disconnected(request.receive, run, _gather(run, req.echo, served.tokenizer))
         out = envelope(choices=[c.completion(req.sampling.logprobs is not None, req.return_token_ids)
                                 for c in choices], usage=usage(run.prompt_tokens, run.completion_tokens))
         if req.return_prompt_ids or req.return_token_ids:
@@ -233,12 +241,12 @@ def _prompt_of(run: Run, index: int) -> list[int]:
     return run.jobs[index // run.jobs[0].sampling.n].prompt
 
 
-async def _gather(run: Run, echo: bool) -> list[Choice]:
+async def _gather(run: Run, echo: bool, tokenizer: Tokenizer) -> list[Choice]:
     """Every choice of a non-streamed answer, echo (and the prompt's logprobs) included."""
-    choices = [Choice(i) for i in range(run.total)]
+    choices = [Choice(i, tokenizer) for i in range(run.total)]
     if echo:
         for i, choice in enumerate(choices):
-            choice.prefix, choice.prefix_offsets = prompt_offsets(_prompt_of(run, i))
+            choice.prefix, choice.prefix_offsets = prompt_offsets(_prompt_of(run, i), tokenizer)
     async for event in run.events():
         if isinstance(event, PromptScores):
             for i in event.indices:
@@ -248,22 +256,22 @@ async def _gather(run: Run, echo: bool) -> list[Choice]:
     return choices
 
 
-def _completion_stream(run: Run, req, envelope: Envelope):
+def _completion_stream(run: Run, req, envelope: Envelope, tokenizer: Tokenizer):
     """SSE chunks of a streamed completion: echo's prompt first, then one chunk per generated token."""
     logprobs, ids = req.sampling.logprobs is not None, req.return_token_ids
     first = {"prompt_token_ids": req.prompts[0] if len(req.prompts) == 1 else req.prompts} \
         if req.return_prompt_ids or ids else {}
     head = []
     if req.echo and req.sampling.prompt_logprobs is None:  # with logprobs, the prompt comes scored (PromptScores)
-        head = [[{"index": i, "text": prompt_offsets(_prompt_of(run, i))[0], "logprobs": None, "finish_reason": None}
-                 for i in range(run.total)]]
+        head = [[{"index": i, "text": prompt_offsets(_prompt_of(run, i), tokenizer)[0], "logprobs": None,
+                  "finish_reason": None} for i in range(run.total)]]
 
     def choices_of(event) -> list[dict]:
         if isinstance(event, PromptScores):
-            text, offsets = prompt_offsets(_prompt_of(run, event.indices[0]))
-            scores = completion_logprobs(event.logprobs, offsets)
+            text, offsets = prompt_offsets(_prompt_of(run, event.indices[0]), tokenizer)
+            scores = completion_logprobs(event.logprobs, offsets, tokenizer)
             return [{"index": i, "text": text, "logprobs": scores, "finish_reason": None} for i in event.indices]
-        return [completion_chunk_choice(event, logprobs, ids)]
+        return [completion_chunk_choice(event, logprobs, ids, tokenizer)]
 
     return _event_stream(run, envelope, req.include_usage, choices_of, head, first)
 
@@ -296,26 +304,27 @@ def _add_chat(app: FastAPI, served: Served) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         body = await read_json(request, served.limits.max_body_bytes)
-        req, ids = await run_in_threadpool(parse_chat, body, served.limits, served.name, served.chat.render)
+        req, ids = await run_in_threadpool(parse_chat, body, served.limits, served.name, served.chat,
+                                           served.tokenizer)
         run = Run([ids], [req.sampling], served.name)
         submit(served, run, request)
         envelope = Envelope("chat.completion.chunk" if req.stream else "chat.completion", served.name)
         if req.stream:
-            return StreamingResponse(_chat_stream(run, req, envelope), media_type="text/event-stream",
-                                     headers=STREAM_HEADERS)
-        choices = await unless_disconnected(request.receive, run, _gather(run, echo=False))
+            return StreamingResponse(_chat_stream(run, req, envelope, served.tokenizer),
+                                     media_type="text/event-stream", headers=STREAM_HEADERS)
+        choices = await unless_disconnected(request.receive, run, _gather(run, False, served.tokenizer))
         return JSONResponse(envelope(choices=[c.chat(req.logprobs) for c in choices],
                                      usage=usage(run.prompt_tokens, run.completion_tokens)))
 
 
-def _chat_stream(run: Run, req, envelope: Envelope):
+def _chat_stream(run: Run, req, envelope: Envelope, tokenizer: Tokenizer):
     """Chat chunks: the assistant's role first, then content deltas and the finish reason."""
     head = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
              for i in range(run.total)]]
 
     def choices_of(event) -> list[dict]:
         if isinstance(event, Delta) and (event.text or event.finish_reason or event.logprob):
-            return [chat_chunk_choice(event, req.logprobs)]
+            return [chat_chunk_choice(event, req.logprobs, tokenizer)]
         return []  # a token that completed no text yet (part of a character, or a possible stop string)
 
     return _event_stream(run, envelope, req.include_usage, choices_of, head, {})

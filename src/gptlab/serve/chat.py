@@ -13,11 +13,16 @@ to continue:
 
 Generation stops at <|endoftext|> and where the model starts the next turn (`\\nuser:`), so a base
 model's answer ends where it would begin to speak for the user.
+
+The prompt is encoded with the model's tokenizer as `gptlab generate` encodes it: a transcript as a
+`--prompt` (`<|endoftext|>` written in it is the special token), a template's prompt as an
+`--instruction`, whose special-token text stays text, as in the fine-tuning that taught the template.
 """
 
 from __future__ import annotations
 
 from ..finetune.templates import PromptTemplate
+from ..tokenizer import Tokenizer
 from .protocol import ApiError
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -64,6 +69,10 @@ class ChatFormat:
         pairs = _checked(messages)
         return "".join(f"{role}: {content}\n" for role, content in pairs) + "assistant:", list(self.stop)
 
+    def encode(self, text: str, tokenizer: Tokenizer) -> list[int]:
+        """The rendered prompt's token ids."""
+        return tokenizer.encode(text)
+
 
 class TemplateChat(ChatFormat):
     """An instruction template: system messages replace its preamble, each user message is an instruction
@@ -88,6 +97,9 @@ class TemplateChat(ChatFormat):
         if pairs[-1][0] != "user":
             raise ApiError("an instruction template needs a user message last (the instruction to answer)", "messages")
         return text, list(self.stop)
+
+    def encode(self, text: str, tokenizer: Tokenizer) -> list[int]:
+        return tokenizer.encode_ordinary(text)
 
 
 def chat_format(template: PromptTemplate | None) -> ChatFormat:

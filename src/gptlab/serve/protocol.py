@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from ..tokenizer import EOT_ID, encode
+from ..tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20  # top-N logprobs per token (OpenAI: 5 for completions, 20 for chat)
 MAX_CANDIDATES = 100  # explain candidates per step
@@ -177,34 +177,40 @@ def stop_strings(body: dict) -> list[str]:
     return [s for s in stops if s]
 
 
-def prompt_ids(body: dict, limits: Limits) -> list[list[int]]:
+def prompt_ids(body: dict, limits: Limits, tokenizer: Tokenizer) -> list[list[int]]:
     """`prompt`: a string, a list of strings, a list of token ids, or a list of lists of ids.
 
-    An empty string starts from <|endoftext|>, as `gptlab generate --prompt ""` does.
+    Text is encoded with the model's tokenizer as `gptlab generate --prompt` encodes it (`<|endoftext|>`
+    written in it is the special token); an empty string starts from <|endoftext|>, as `--prompt ""` does.
     """
     if "prompt" not in body or body["prompt"] is None:
         raise ApiError("prompt is required: a string, a list of strings or a list of token ids", "prompt")
     prompt = body["prompt"]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text) if text else [tokenizer.eot_id]
+
     if isinstance(prompt, str):
-        return [encode(prompt) if prompt else [EOT_ID]]
+        return [encode(prompt)]
     if not isinstance(prompt, list) or not prompt:
         raise ApiError(f"prompt must be a string, a list of strings or a non-empty list of token ids, "
                        f"got {_show(prompt)}", "prompt")
+    # A padded vocabulary has ids past the tokenizer's: the model takes them, but they are no token.
+    known = min(limits.vocab_size, tokenizer.n_vocab)
     if all(_is_int(t) for t in prompt):
-        return [_check_ids(prompt, limits)]
+        return [_check_ids(prompt, known)]
     if all(isinstance(p, str) for p in prompt):
-        return [encode(p) if p else [EOT_ID] for p in prompt]
+        return [encode(p) for p in prompt]
     if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-        return [_check_ids(p, limits) for p in prompt]
+        return [_check_ids(p, known) for p in prompt]
     raise ApiError("prompt must be a string, a list of strings, a list of token ids or a list of non-empty lists "
                    "of token ids (not a mix)", "prompt")
 
 
-def _check_ids(ids: list[int], limits: Limits) -> list[int]:
-    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+def _check_ids(ids: list[int], known: int) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < known]
     if bad:
-        raise ApiError(f"token id {bad[0]} in prompt is outside the vocabulary (0..{limits.vocab_size - 1})",
-                       "prompt")
+        raise ApiError(f"token id {bad[0]} in prompt is outside the vocabulary (0..{known - 1})", "prompt")
     return ids
 
 
@@ -239,14 +245,14 @@ def stream_options(body: dict) -> bool:
     return boolean(opts, "include_usage")
 
 
-def parse_completion(body: dict, limits: Limits, served: str) -> CompletionRequest:
+def parse_completion(body: dict, limits: Limits, served: str, tokenizer: Tokenizer) -> CompletionRequest:
     check_model(body, served)
     _refuse_unsupported(body, UNSUPPORTED)
     sampling = common_sampling(body, limits)
     best_of = integer(body, "best_of", None, low=1)
     if best_of is not None and best_of != sampling.n:
         raise ApiError("best_of is not supported by this server (only best_of = n)", "best_of")
-    prompts = prompt_ids(body, limits)
+    prompts = prompt_ids(body, limits, tokenizer)
     if len(prompts) * sampling.n > limits.max_batch:
         raise ApiError(f"{len(prompts)} prompts x n={sampling.n} choices is more than this server's "
                        f"--max-batch {limits.max_batch}", "n")
@@ -265,8 +271,9 @@ def parse_completion(body: dict, limits: Limits, served: str) -> CompletionReque
                              boolean(body, "return_prompt_ids"), boolean(body, "return_token_ids"))
 
 
-def parse_chat(body: dict, limits: Limits, served: str, render) -> tuple[ChatRequest, list[int]]:
-    """The chat request and its prompt ids; `render(messages)` -> (prompt text, extra stop strings)."""
+def parse_chat(body: dict, limits: Limits, served: str, chat, tokenizer: Tokenizer) -> tuple[ChatRequest, list[int]]:
+    """The chat request and its prompt ids: the messages rendered in the model's chat format (a chat.ChatFormat:
+    `render(messages)` -> (prompt text, extra stop strings), `encode(text, tokenizer)` -> ids)."""
     check_model(body, served)
     _refuse_unsupported(body, {**UNSUPPORTED, "tools": ([],), "functions": ([],), "tool_choice": ("none",),
                                "response_format": ({"type": "text"},)})
@@ -274,8 +281,8 @@ def parse_chat(body: dict, limits: Limits, served: str, render) -> tuple[ChatReq
     messages = body.get("messages")
     if messages is None:
         raise ApiError("messages is required: a list of {\"role\", \"content\"} objects", "messages")
-    text, stops = render(messages)
-    ids = encode(text)
+    text, stops = chat.render(messages)
+    ids = chat.encode(text, tokenizer)
     max_tokens = integer(body, "max_completion_tokens", None, low=0)
     max_tokens = integer(body, "max_tokens", max_tokens, low=0)
     sampling.max_tokens = check_context(len(ids), max_tokens, limits, "messages", limits.context_length)
@@ -298,11 +305,11 @@ class ExplainRequest:
     candidates: int
 
 
-def parse_explain(body: dict, limits: Limits, served: str) -> ExplainRequest:
+def parse_explain(body: dict, limits: Limits, served: str, tokenizer: Tokenizer) -> ExplainRequest:
     """POST /v1/explain: one context (text or ids), sampling settings and the number of candidates."""
     check_model(body, served)
     temperature, top_k, top_p = sampling_args(body)
-    (ids, *rest) = prompt_ids(body, limits)
+    (ids, *rest) = prompt_ids(body, limits, tokenizer)
     if rest:
         raise ApiError("explain takes one prompt", "prompt")
     if len(ids) > limits.context_length:

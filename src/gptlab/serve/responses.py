@@ -7,6 +7,7 @@ import time
 import uuid
 
 from ..generation.generate import TokenTextDecoder
+from ..tokenizer import Tokenizer
 from .sequence import Delta
 from .tokens import TokenLogprob, logprob_token, token_bytes
 
@@ -25,27 +26,29 @@ def sse(obj: dict | str) -> bytes:
     return b"data: " + (obj if isinstance(obj, str) else json.dumps(obj)).encode() + b"\n\n"
 
 
-def completion_logprobs(entries: list[TokenLogprob], offsets: list[int]) -> dict:
+def completion_logprobs(entries: list[TokenLogprob], offsets: list[int], tokenizer: Tokenizer) -> dict:
     """The completions API's logprobs object (the prompt's first token, with echo, has no logprob: null)."""
-    return {"tokens": [logprob_token(e.token_id) for e in entries],
+    return {"tokens": [logprob_token(e.token_id, tokenizer) for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [None if e.top is None else {logprob_token(t): lp for t, lp in e.top} for e in entries],
+            "top_logprobs": [None if e.top is None else {logprob_token(t, tokenizer): lp for t, lp in e.top}
+                             for e in entries],
             "text_offset": list(offsets)}
 
 
-def chat_logprob(entry: TokenLogprob) -> dict:
+def chat_logprob(entry: TokenLogprob, tokenizer: Tokenizer) -> dict:
     """One token of the chat API's logprobs.content, with its bytes as OpenAI gives them."""
 
     def item(tid: int, logprob: float) -> dict:
-        data = token_bytes(tid)
-        return {"token": logprob_token(tid), "logprob": logprob, "bytes": list(data) if data is not None else None}
+        data = token_bytes(tid, tokenizer)
+        return {"token": logprob_token(tid, tokenizer), "logprob": logprob,
+                "bytes": list(data) if data is not None else None}
 
     return {**item(entry.token_id, entry.logprob), "top_logprobs": [item(t, lp) for t, lp in entry.top]}
 
 
-def prompt_offsets(prompt: list[int]) -> tuple[str, list[int]]:
+def prompt_offsets(prompt: list[int], tokenizer: Tokenizer) -> tuple[str, list[int]]:
     """The prompt's text and where each of its tokens starts in it (echo with logprobs)."""
-    decoder, offsets = TokenTextDecoder(), []
+    decoder, offsets = TokenTextDecoder(tokenizer), []
     for tid in prompt:
         offsets.append(len(decoder.text))
         decoder.push(tid)
@@ -56,8 +59,8 @@ def prompt_offsets(prompt: list[int]) -> tuple[str, list[int]]:
 class Choice:
     """One choice's deltas gathered into the non-streamed answer."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
+    def __init__(self, index: int, tokenizer: Tokenizer) -> None:
+        self.index, self.tokenizer = index, tokenizer
         self.parts: list[str] = []
         self.entries: list[TokenLogprob] = []
         self.offsets: list[int] = []
@@ -87,7 +90,8 @@ class Choice:
         if logprobs:
             shift = len(self.prefix)
             out["logprobs"] = completion_logprobs(self.prefix_entries + self.entries,
-                                                  self.prefix_offsets + [o + shift for o in self.offsets])
+                                                  self.prefix_offsets + [o + shift for o in self.offsets],
+                                                  self.tokenizer)
         if token_ids:
             out["token_ids"] = self.token_ids
         if self.explains:
@@ -96,7 +100,7 @@ class Choice:
 
     def chat(self, logprobs: bool) -> dict:
         return {"index": self.index, "message": {"role": "assistant", "content": self.text},
-                "logprobs": {"content": [chat_logprob(e) for e in self.entries]} if logprobs else None,
+                "logprobs": {"content": [chat_logprob(e, self.tokenizer) for e in self.entries]} if logprobs else None,
                 "finish_reason": self.finish_reason}
 
 
@@ -111,10 +115,10 @@ class Envelope:
         return {**self.fields, **rest}
 
 
-def completion_chunk_choice(delta: Delta, logprobs: bool, token_ids: bool) -> dict:
+def completion_chunk_choice(delta: Delta, logprobs: bool, token_ids: bool, tokenizer: Tokenizer) -> dict:
     choice = {"index": delta.index, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
     if logprobs and delta.logprob is not None:
-        choice["logprobs"] = completion_logprobs([delta.logprob], [delta.text_offset])
+        choice["logprobs"] = completion_logprobs([delta.logprob], [delta.text_offset], tokenizer)
     if token_ids:
         choice["token_ids"] = [] if delta.token_id is None else [delta.token_id]
     if delta.explain is not None:
@@ -122,9 +126,9 @@ def completion_chunk_choice(delta: Delta, logprobs: bool, token_ids: bool) -> di
     return choice
 
 
-def chat_chunk_choice(delta: Delta, logprobs: bool) -> dict:
+def chat_chunk_choice(delta: Delta, logprobs: bool, tokenizer: Tokenizer) -> dict:
     choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {}, "logprobs": None,
               "finish_reason": delta.finish_reason}
     if logprobs and delta.logprob is not None:
-        choice["logprobs"] = {"content": [chat_logprob(delta.logprob)]}
+        choice["logprobs"] = {"content": [chat_logprob(delta.logprob, tokenizer)]}
     return choice

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from ..model import GPTModel
+from ..tokenizer import Tokenizer, tokenizer_of
 from .sequence import Delta, Failure, Job, PromptScores, Sequence
 from .tokens import TokenLogprob, explain, logprobs_at
 
@@ -39,10 +40,15 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    """Runs Jobs on `model`, up to `max_batch` choices at once, with up to `max_queue` jobs waiting."""
+    """Runs Jobs on `model`, up to `max_batch` choices at once, with up to `max_queue` jobs waiting.
 
-    def __init__(self, model: GPTModel, max_batch: int = 16, max_queue: int = 64, eos_id: int | None = None) -> None:
+    `tokenizer` turns the drawn ids into text (default: the model's own, `tokenizer_of(model)`).
+    """
+
+    def __init__(self, model: GPTModel, max_batch: int = 16, max_queue: int = 64, eos_id: int | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
         self.model, self.max_batch, self.max_queue, self.eos_id = model, max_batch, max_queue, eos_id
+        self.tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
         self.device = model.tok_emb.weight.device
         self.cache = model.make_slot_cache(1)  # grows (doubling) up to max_batch slots as requests come
         self.running: list[Sequence] = []  # running[i] holds slot i
@@ -178,7 +184,7 @@ class Scheduler:
             if job.sampling.prompt_logprobs is not None:
                 job.emit(self._prompt_scores(job))
             for choice in range(job.sampling.n):
-                seq = Sequence(job, choice, self.eos_id, self.device)
+                seq = Sequence(job, choice, self.eos_id, self.device, self.tokenizer)
                 seq.slot = first + j if choice == 0 else extra
                 if choice:
                     self.cache.move(first + j, extra)
@@ -260,12 +266,12 @@ class Scheduler:
 
 
 def explain_job(model: GPTModel, prompt: list[int], temperature: float, top_k: int | None, top_p: float | None,
-                candidates: int) -> Callable[[], dict]:
+                candidates: int, tokenizer: Tokenizer) -> Callable[[], dict]:
     """The work of POST /v1/explain: the next-token distribution after `prompt` (run in the decoding thread)."""
 
     def run() -> dict:
         ids = torch.tensor([prompt], device=model.tok_emb.weight.device)
         logits = model(ids, last_only=True)[0, -1]
-        return explain(logits, temperature, top_k, top_p, candidates)
+        return explain(logits, temperature, top_k, top_p, candidates, tokenizer)
 
     return run

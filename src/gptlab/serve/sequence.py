@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..generation.generate import TokenTextDecoder
 from ..generation.sampling import sample_next
+from ..tokenizer import Tokenizer
 from .protocol import Sampling
 from .tokens import StopText, TokenLogprob, explain, logprobs_at, token_info
 
@@ -66,9 +67,10 @@ class Job:
 class Sequence:
     """One choice: its slot in the KV cache, its generator, the tokens it drew and its text."""
 
-    def __init__(self, job: Job, choice: int, eos_id: int | None, device: torch.device) -> None:
+    def __init__(self, job: Job, choice: int, eos_id: int | None, device: torch.device, tokenizer: Tokenizer) -> None:
         s = job.sampling
         self.job, self.index, self.slot = job, job.first_index + choice, -1
+        self.tokenizer = tokenizer
         self.eos_id = None if s.ignore_eos else eos_id
         self.tokens: list[int] = []
         self.finished = False
@@ -78,7 +80,7 @@ class Sequence:
             # `gptlab generate --seed (seed + i)`, whatever else the server runs beside it.
             seed = s.seed + self.index if s.seed is not None else secrets.randbits(62)
             self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.decoder = TokenTextDecoder()
+        self.decoder = TokenTextDecoder(tokenizer)
         self.stop = StopText(s.stop)
         self.text_length = 0  # characters decoded so far (text offsets)
 
@@ -95,8 +97,8 @@ class Sequence:
         if s.logprobs is not None:
             delta.logprob = logprobs_at(logits, [tid], s.logprobs)[0]
         if s.explain:
-            delta.explain = {"step": len(self.tokens) - 1, "token": token_info(tid),
-                             **explain(logits[0], s.temperature, s.top_k, s.top_p, s.explain)}
+            delta.explain = {"step": len(self.tokens) - 1, "token": token_info(tid, self.tokenizer),
+                             **explain(logits[0], s.temperature, s.top_k, s.top_p, s.explain, self.tokenizer)}
         ended = tid == self.eos_id
         piece = "" if ended else self.decoder.push(tid)  # the end-of-text token adds no text
         if ended or len(self.tokens) >= s.max_tokens:

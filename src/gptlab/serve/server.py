@@ -19,7 +19,7 @@ from ..finetune.templates import load_template
 from ..generation.decoding import prepare_for_decoding
 from ..hardware import warn_if_slow_bfloat16
 from ..pretrained.resolve import RANDOM_PREFIX, load_model_arg
-from ..tokenizer import EOT_ID
+from ..tokenizer import tokenizer_of
 from .app import Served, create_app
 from .chat import chat_format
 from .protocol import Limits
@@ -54,7 +54,8 @@ def model_name(spec: str) -> str:
 
 
 def load_served(spec: str, name: str | None, device, dtype: torch.dtype, kernel: str, limits: dict) -> Served:
-    """The model of `--model spec`, prepared for decoding, its chat format, and a scheduler for it."""
+    """The model of `--model spec`, prepared for decoding, its chat format, and a scheduler for it that
+    encodes and decodes with the model's own tokenizer (GPT-2's when the folder holds none)."""
     if dtype == torch.bfloat16:
         warn_if_slow_bfloat16(device)
     model = prepare_for_decoding(load_model_arg(spec, device, dtype=dtype, purpose="serve"), kernel=kernel)
@@ -63,9 +64,11 @@ def load_served(spec: str, name: str | None, device, dtype: torch.dtype, kernel:
     if not spec.startswith(RANDOM_PREFIX) and path.exists():
         template = load_template(path if path.is_dir() else path.parent)
     config = model.config
-    eos_id = EOT_ID if EOT_ID < config.vocab_size else None
+    tokenizer = tokenizer_of(model)
+    # as `gptlab generate`: no stop on an end-of-text id the model cannot produce
+    eos_id = tokenizer.eot_id if tokenizer.eot_id < config.vocab_size else None
     limits = Limits(context_length=config.context_length, vocab_size=config.vocab_size, **limits)
-    scheduler = Scheduler(model, limits.max_batch, limits.max_queue, eos_id)
+    scheduler = Scheduler(model, limits.max_batch, limits.max_queue, eos_id, tokenizer)
     return Served(model, name or model_name(spec), scheduler, limits, chat_format(template))
 
 

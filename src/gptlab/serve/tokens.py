@@ -1,8 +1,10 @@
 """Tokens as the API shows them, and what one step's logits say about them (logprobs, explain).
 
-GPT-2's tokens are byte strings: a multi-byte character (CJK, emoji) can be split over tokens, so a
-token may not be text on its own. Such a "partial" token is displayed as its bytes, `<E7 9A>`
-(uppercase hex, space-separated), and in OpenAI-style logprobs as `bytes:\\xe7\\x9a`, as OpenAI does.
+Every function here takes the served model's tokenizer: ids mean nothing without it (a trained
+tokenizer's id 0 is `<|endoftext|>`, GPT-2's is "!"). Byte-level tokens are byte strings: a multi-byte
+character (CJK, emoji) can be split over tokens, so a token may not be text on its own. Such a
+"partial" token is displayed as its bytes, `<E7 9A>` (uppercase hex, space-separated), and in
+OpenAI-style logprobs as `bytes:\\xe7\\x9a`, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from torch import Tensor
 
 from ..generation.explain import token_label
 from ..generation.sampling import next_token_probs
-from ..tokenizer import ENDOFTEXT, EOT_ID, get_tokenizer
+from ..tokenizer import Tokenizer
 
 
-def token_bytes(tid: int) -> bytes | None:
-    """The token's bytes, or None for an id the GPT-2 tokenizer does not have (a model with a bigger vocabulary)."""
+def token_bytes(tid: int, tokenizer: Tokenizer) -> bytes | None:
+    """The token's bytes, or None for an id the tokenizer does not have (a model whose vocabulary is padded
+    past its tokenizer's)."""
     try:
-        return get_tokenizer().decode_single_token_bytes(tid)
+        return tokenizer.decode_single_token_bytes(tid)
     except KeyError:
         return None
 
@@ -37,25 +40,27 @@ def _hex(data: bytes) -> str:
     return " ".join(f"{b:02X}" for b in data)
 
 
-def display(tid: int) -> str:
+def display(tid: int, tokenizer: Tokenizer) -> str:
     """One-line text for a token: `<E7 9A>` for part of a character, escapes for control characters."""
-    if tid == EOT_ID:
-        return ENDOFTEXT
-    data = token_bytes(tid)
+    if tid == tokenizer.eot_id:
+        return tokenizer.eot_token
+    data = token_bytes(tid, tokenizer)
     return f"<unknown id {tid}>" if data is None else token_label(data)
 
 
-def token_info(tid: int) -> dict:
-    """The drawn token as the playground shows it: id, text, display, bytes (hex) and whether it is partial."""
-    data = b"" if tid == EOT_ID else (token_bytes(tid) or b"")
+def token_info(tid: int, tokenizer: Tokenizer) -> dict:
+    """The drawn token as the playground shows it: id, text, display, bytes (hex) and whether it is partial.
+
+    `<|endoftext|>` ends a choice without adding text, so its text and bytes are empty."""
+    data = b"" if tid == tokenizer.eot_id else (token_bytes(tid, tokenizer) or b"")
     text = _text_of(data)
-    return {"id": tid, "text": "\ufffd" if text is None else text, "display": display(tid), "bytes": _hex(data),
-            "partial": text is None}
+    return {"id": tid, "text": "\ufffd" if text is None else text, "display": display(tid, tokenizer),
+            "bytes": _hex(data), "partial": text is None}
 
 
-def logprob_token(tid: int) -> str:
+def logprob_token(tid: int, tokenizer: Tokenizer) -> str:
     """The token as OpenAI's logprobs name it: its text, or `bytes:\\xe7\\x9a` when it is not text alone."""
-    data = token_bytes(tid)
+    data = token_bytes(tid, tokenizer)
     if data is None:
         return f"<unknown id {tid}>"
     text = _text_of(data)
@@ -86,7 +91,8 @@ def logprobs_at(logits: Tensor, token_ids: list[int], top: int) -> list[TokenLog
     return out
 
 
-def explain(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, candidates: int) -> dict:
+def explain(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, candidates: int,
+            tokenizer: Tokenizer) -> dict:
     """How sampling turns one position's logits (V,) into the distribution it draws from.
 
     The `candidates` most likely tokens by p_base (temperature 1), each with p_base, p_temp (the chosen
@@ -101,7 +107,7 @@ def explain(logits: Tensor, temperature: float, top_k: int | None, top_p: float 
     ids = torch.topk(p_base, min(candidates, p_base.shape[-1])).indices
     columns = {"p_base": p_base, "p_temp": p_temp, "p_final": p_final}
     listed = {name: p[ids].tolist() for name, p in columns.items()}
-    rows = [{"id": tid, "display": display(tid), "p_base": listed["p_base"][i], "p_temp": listed["p_temp"][i],
+    rows = [{"id": tid, "display": display(tid, tokenizer), "p_base": listed["p_base"][i], "p_temp": listed["p_temp"][i],
              "p_final": listed["p_final"][i], "kept": listed["p_final"][i] > 0}
             for i, tid in enumerate(ids.tolist())]
     # Summed outside the candidates rather than 1 - listed, which rounding could make slightly negative.
