@@ -1,7 +1,7 @@
 """Trained byte-level BPEs against GPT-2's tokenizer, on Chinese and on English.
 
-    python -m bench.tokenizers                  # about 30 minutes on 2 cores; --budget S per model run
-    python -m bench.tokenizers --skip-models    # only the tokenizer measurements (a few minutes)
+    python bench/tokenizer_bench.py                # about 30 minutes on 2 cores; --budget S per model run
+    python bench/tokenizer_bench.py --skip-models  # only the tokenizer measurements (a few minutes)
 
 Corpora, built once into <out>/cache (nothing else is downloaded):
   zh: Song-dynasty ci poems from the npm package chinese-poetry@2.0.1 (MIT; the poems are centuries old),
@@ -42,9 +42,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's folder comes first on sys.path, and this file would hide the `tokenizers`
-# package it measures: that folder goes.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 NPM_PACKAGE, NPM_TARBALL = "chinese-poetry@2.0.1", "chinese-poetry-2.0.1.tgz"
 NPM_SHA1 = "b6e7e60d0accac7c723d066a5c360549aab8299d"  # the registry's dist.shasum
 VOCABS = (8000, 16000, 32000)
