@@ -402,13 +402,32 @@ static void attend(const Model* m, int h, int T, WT* kc, WT* vc, long max_len, l
         attend_one(m->qkv + t * ld3 + h * D, K, V, D, pos + t, scores, m->att + t * ldc + h * D);
 }
 
+/* Inside the parallel region, for T rows of m->x: the first layer norm and the qkv product into m->qkv. */
+static void block_qkv(const Model* m, const Layer* ly, int T, float* xn, uint32_t* xp) {
+    int C = m->emb;
+    long ldc = PAD(C), ld3 = PAD(3 * C);
+    for (int t = 0; t < T; t++) layer_norm(m->x + t * ldc, ly->ln1_w, ly->ln1_b, C, m->eps, xn + t * C);
+    parallel_product(ly->qkv, xn, C, T, 3 * C, C, ly->qkv_b, BIAS, m->qkv, ld3, NULL, 0, xp);
+}
+
+/* Inside the parallel region, after attention wrote m->att: the output projection and its residual, the
+ * second layer norm, the MLP and its residual, for T rows. */
+static void block_after_attention(const Model* m, const Layer* ly, int T, float* xn, uint32_t* xp) {
+    int C = m->emb, H4 = m->hidden;
+    long ldc = PAD(C), ldh = PAD(H4);
+    parallel_product(ly->out, m->att, ldc, T, C, C, ly->out_b, RESIDUAL, m->h, ldc, m->x, ldc, xp);
+    for (int t = 0; t < T; t++) layer_norm(m->x + t * ldc, ly->ln2_w, ly->ln2_b, C, m->eps, xn + t * C);
+    parallel_product(ly->fc, xn, C, T, H4, C, ly->fc_b, GELU, m->h, ldh, NULL, 0, xp);
+    parallel_product(ly->proj, m->h, ldh, T, C, H4, ly->proj_b, RESIDUAL, m->att, ldc, m->x, ldc, xp);
+}
+
 /* Logits (vocab_rows) of the token after `tokens` (T <= max_tokens of them, at positions pos..pos+T-1);
  * writes their keys/values into k_cache/v_cache (n_layers, n_heads, max_len, head_dim), whose
  * positions < pos are filled. */
 void SUFFIX(decode_tokens)(const Model* m, const int64_t* tokens, int T, long pos, WT* k_cache, WT* v_cache,
                            long max_len) {
     int C = m->emb, L = m->n_layers, H4 = m->hidden;
-    long ldc = PAD(C), ld3 = PAD(3 * C), ldh = PAD(H4);
+    long ldc = PAD(C);
     for (int t = 0; t < T; t++)
         for (int i = 0; i < C; i++)
             m->x[t * ldc + i] = wt_to_f(m->tok_emb[tokens[t] * C + i]) + wt_to_f(m->pos_emb[(pos + t) * C + i]);
@@ -421,14 +440,10 @@ void SUFFIX(decode_tokens)(const Model* m, const int64_t* tokens, int T, long po
         for (int l = 0; l < L; l++) {
             const Layer* ly = &m->layers[l];
             long layer_off = (long)l * m->n_heads * max_len * m->head_dim;
-            for (int t = 0; t < T; t++) layer_norm(m->x + t * ldc, ly->ln1_w, ly->ln1_b, C, m->eps, xn + t * C);
-            parallel_product(ly->qkv, xn, C, T, 3 * C, C, ly->qkv_b, BIAS, m->qkv, ld3, NULL, 0, xp);
+            block_qkv(m, ly, T, xn, xp);
             #pragma omp for schedule(static)
             for (int h = 0; h < m->n_heads; h++) attend(m, h, T, k_cache + layer_off, v_cache + layer_off, max_len, pos, scores);
-            parallel_product(ly->out, m->att, ldc, T, C, C, ly->out_b, RESIDUAL, m->h, ldc, m->x, ldc, xp);
-            for (int t = 0; t < T; t++) layer_norm(m->x + t * ldc, ly->ln2_w, ly->ln2_b, C, m->eps, xn + t * C);
-            parallel_product(ly->fc, xn, C, T, H4, C, ly->fc_b, GELU, m->h, ldh, NULL, 0, xp);
-            parallel_product(ly->proj, m->h, ldh, T, C, H4, ly->proj_b, RESIDUAL, m->att, ldc, m->x, ldc, xp);
+            block_after_attention(m, ly, T, xn, xp);
         }
         layer_norm(m->x + (T - 1) * ldc, m->lnf_w, m->lnf_b, C, m->eps, xn);
         parallel_product(m->head, xn, C, 1, m->vocab_rows, C, NULL, PLAIN, m->logits, 0, NULL, 0, xp);
@@ -443,7 +458,7 @@ void SUFFIX(decode_tokens)(const Model* m, const int64_t* tokens, int T, long po
 void SUFFIX(decode_rows)(const Model* m, const int64_t* tokens, int B, const int64_t* pos, WT* const* k_caches,
                          WT* const* v_caches, long max_len, float* logits, long ldl) {
     int C = m->emb, L = m->n_layers, H4 = m->hidden, H = m->n_heads, D = m->head_dim;
-    long ldc = PAD(C), ld3 = PAD(3 * C), ldh = PAD(H4);
+    long ldc = PAD(C), ld3 = PAD(3 * C);
     for (int t = 0; t < B; t++)
         for (int i = 0; i < C; i++)
             m->x[t * ldc + i] = wt_to_f(m->tok_emb[tokens[t] * C + i]) + wt_to_f(m->pos_emb[pos[t] * C + i]);
@@ -455,8 +470,7 @@ void SUFFIX(decode_rows)(const Model* m, const int64_t* tokens, int B, const int
         for (int l = 0; l < L; l++) {
             const Layer* ly = &m->layers[l];
             long layer_off = (long)l * H * max_len * D;
-            for (int t = 0; t < B; t++) layer_norm(m->x + t * ldc, ly->ln1_w, ly->ln1_b, C, m->eps, xn + t * C);
-            parallel_product(ly->qkv, xn, C, B, 3 * C, C, ly->qkv_b, BIAS, m->qkv, ld3, NULL, 0, xp);
+            block_qkv(m, ly, B, xn, xp);
             #pragma omp for schedule(static)
             for (int i = 0; i < B * H; i++) {  /* (row, head) pairs: rows have different lengths */
                 int t = i / H, h = i % H;
@@ -468,10 +482,7 @@ void SUFFIX(decode_rows)(const Model* m, const int64_t* tokens, int B, const int
                 }
                 attend_one(q, K, V, D, pos[t], scores, m->att + t * ldc + h * D);
             }
-            parallel_product(ly->out, m->att, ldc, B, C, C, ly->out_b, RESIDUAL, m->h, ldc, m->x, ldc, xp);
-            for (int t = 0; t < B; t++) layer_norm(m->x + t * ldc, ly->ln2_w, ly->ln2_b, C, m->eps, xn + t * C);
-            parallel_product(ly->fc, xn, C, B, H4, C, ly->fc_b, GELU, m->h, ldh, NULL, 0, xp);
-            parallel_product(ly->proj, m->h, ldh, B, C, H4, ly->proj_b, RESIDUAL, m->att, ldc, m->x, ldc, xp);
+            block_after_attention(m, ly, B, xn, xp);
         }
         for (int t = 0; t < B; t++) layer_norm(m->x + t * ldc, m->lnf_w, m->lnf_b, C, m->eps, xn + t * C);
         parallel_product(m->head, xn, C, B, m->vocab_rows, C, NULL, PLAIN, logits, ldl, NULL, 0, xp);
