@@ -1,6 +1,6 @@
 """`gptlab serve`: an OpenAI-compatible HTTP server for a model, with continuous batching and a web playground.
 
-Needs the `serve` extra (FastAPI and uvicorn): `pip install 'gptlab[serve]'`. The manual is docs/serve.md.
+Needs the `serve` extra (FastAPI and uvicorn): `pip install -e '.[serve]'` in a clone. The manual is docs/serve.md.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
-        raise UsageError(f"gptlab serve needs FastAPI and uvicorn ({exc}): pip install 'gptlab[serve]'") from None
+        raise UsageError(f"gptlab serve needs FastAPI and uvicorn ({exc}): pip install fastapi uvicorn") from None
     import torch
 
     from ..serve.server import bind, load_served, serve, setup_logging

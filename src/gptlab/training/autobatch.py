@@ -81,8 +81,7 @@ def settle_batch(run_cfg: RunConfig, cfg: TrainConfig, model: torch.nn.Module, d
     batch = run_cfg.batch_size
     if batch == AUTO:
         batch = auto_micro_batch(model, run_cfg.context_length or model.config.context_length, device, dtype)
-        log(f"--batch-size auto: {batch} windows per micro-batch"
-            + ("" if device.type == "cuda" or faults.plan().get("oom-above") else " (on a CPU)"))
+        log(f"--batch-size auto: {batch} windows per micro-batch" + ("" if can_probe(device) else " (on a CPU)"))
     grad_accum = cfg.grad_accum
     if run_cfg.global_batch is not None:
         per_step = batch * world_size
@@ -96,10 +95,16 @@ def settle_batch(run_cfg: RunConfig, cfg: TrainConfig, model: torch.nn.Module, d
     return dataclasses.replace(run_cfg, batch_size=batch), dataclasses.replace(cfg, grad_accum=grad_accum)
 
 
+def can_probe(device: torch.device) -> bool:
+    """Whether running out of memory on `device` is an error to catch: on a GPU, yes; a CPU would swap or meet
+    the OOM killer instead (except under the simulated limit of the fault hook)."""
+    return device.type == "cuda" or bool(faults.plan().get("oom-above"))
+
+
 def auto_micro_batch(model: torch.nn.Module, seq: int, device: torch.device, dtype: torch.dtype) -> int:
     """The largest micro-batch whose training step fits on `device` (probed there), the same on every rank."""
-    if device.type != "cuda" and not faults.plan().get("oom-above"):
-        return CPU_BATCH  # probing a CPU's memory would swap or meet the OOM killer, not an error
+    if not can_probe(device):
+        return CPU_BATCH
     model.to(device)
     batch = find_micro_batch(lambda b: probe_training_step(model, b, seq, dtype))
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -2,8 +2,8 @@
 model, lock the folder and hand everything to the loop (`training.loop.train`).
 
 A run folder is also a model folder (config.json + model.safetensors, and the tokenizer's files when
-it is not GPT-2's), so `gptlab eval` and `gptlab generate` take it as `--model`. Everything is validated before the folder is touched, so a
-bad option never leaves a half-made run behind.
+it is not GPT-2's), so `gptlab eval` and `gptlab generate` take it as `--model`. Everything is
+validated before the folder is touched, so a bad option never leaves a half-made run behind.
 
 The steps (`open_run_folder`, `start_run`, `check_model`, `check_data`, `fix_schedule`, `launch`) are
 shared with `gptlab finetune` (finetune/run.py), which differs only in how it builds the model and the data.
@@ -91,8 +91,7 @@ def run_training(run_cfg: RunConfig, cfg: TrainConfig, out: str | os.PathLike | 
     start = start_run(out, cfg, run_cfg.strategy, resume, log)
     model = build_model(run_cfg, tokenizer, start.info.device)
     check_model(start, model)
-    precision = make_precision(cfg.dtype, start.info.device)
-    run_cfg, cfg = settle_batch(run_cfg, cfg, model, start.info.device, precision.dtype, start.info.world_size,
+    run_cfg, cfg = settle_batch(run_cfg, cfg, model, start.info.device, start.dtype, start.info.world_size,
                                 start.log)
     split = prepare_data(run_cfg, cfg.seed, model.config, start.info.device, tokenizer)
     check_data(start, split.fingerprint)
@@ -126,6 +125,7 @@ class RunStart:
     strategy: str
     checkpoint: dict | None  # the run's checkpoint when resuming
     log: Callable[..., None]  # print on rank 0, silent elsewhere
+    dtype: torch.dtype  # the autocast dtype --dtype resolves to on this device
 
 
 def start_run(out: Path, cfg: TrainConfig, strategy: str | None, resume: bool, log=print) -> RunStart:
@@ -135,10 +135,10 @@ def start_run(out: Path, cfg: TrainConfig, strategy: str | None, resume: bool, l
     info = D.setup(resolve_device(cfg.device))
     if not info.is_main:
         log = _quiet  # only rank 0 of a torchrun job talks
-    make_precision(cfg.dtype, info.device)  # an unsupported --dtype fails now, not after loading data
+    dtype = make_precision(cfg.dtype, info.device).dtype  # an unsupported --dtype fails now, not after loading data
     checkpoint = read_checkpoint(out / CHECKPOINT_NAME) if resume else None
     seed_everything(cfg.seed)
-    return RunStart(out, info, strategy, checkpoint, log)
+    return RunStart(out, info, strategy, checkpoint, log, dtype)
 
 
 def check_model(start: RunStart, model: GPTModel) -> None:
