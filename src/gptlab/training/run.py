@@ -310,8 +310,9 @@ def check_same_tokenizer(spec: str, out: Path) -> None:
 def absolute_paths(run_cfg: Any) -> Any:
     """Data, --model and --init paths (and any other in PATH_SETTINGS the settings have) made absolute, so
     that a run resumes from any working folder. Corpus and model names stay names."""
-    changes = {name: _absolute_if_path(getattr(run_cfg, name)) for name in PATH_SETTINGS if hasattr(run_cfg, name)
-               and getattr(run_cfg, name) != GPT2_NAME}  # `gpt2` names GPT-2's tokenizer, not a folder
+    names = [n for n in PATH_SETTINGS if hasattr(run_cfg, n)]
+    changes = {n: _absolute_if_path(getattr(run_cfg, n)) for n in names
+               if not (n == "tokenizer" and getattr(run_cfg, n) == GPT2_NAME)}  # GPT-2's tokenizer, not a folder
     return dataclasses.replace(run_cfg, **changes)
 
 
